@@ -1,0 +1,108 @@
+"""What the user sets for HD-PiSSA: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INIT_METHODS = ("svd", "randomized")
+PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
+ON_MISMATCH = ("raise", "resync")
+
+
+@dataclass
+class HDPiSSAConfig:
+    """Configuration of HD-PiSSA adapters.
+
+    Parameters (grouped by concern):
+        Adapter shape:
+            r: rank of the adapter on EACH device; K devices together own the top ``K·r`` singular directions.
+            lora_alpha: scale numerator; the update scale is ``s = lora_alpha / r``.
+            target_modules: which ``nn.Linear`` modules get adapters: a list of module-name suffixes, a regex string,
+                or ``"all-linear"`` (every linear except the output head).
+            exclude_modules: name suffixes never adapted, even when ``target_modules`` matches them.
+            lora_dropout: dropout on the adapter's input (the base path is never dropped).
+        Initialisation:
+            init_method: ``"svd"`` (exact fp32 SVD) or ``"randomized"`` (``torch.svd_lowrank`` of the top ``K·r``).
+            n_iter: power iterations of the randomized SVD.
+            shard_init: factor layer ``i`` on rank ``i mod K`` and broadcast, instead of every layer on rank 0.
+        Weight precision:
+            precision: how the full weight ``W`` absorbs each fold: ``"fp32"`` (fp32 master copy), ``"bf16_kahan"``
+                (bf16 weight + bf16 Kahan compensation), ``"bf16_sr"`` (bf16 weight, stochastic rounding) or
+                ``"model"`` (plain add in the model dtype; loses small updates in bf16).
+        Communication and safety:
+            bucket_size_mb: cap of one gather buffer in MiB; 0 means a single buffer (one collective per step).
+            sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
+            on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
+            seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
+    """
+
+    r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: s = lora_alpha / r."})
+    target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata={"help": "Module-name suffixes (list), a regex (str), or 'all-linear' (all but the output head)."},
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module-name suffixes that are never adapted."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    init_method: str = field(
+        default="svd", metadata={"help": "Initial factorisation: 'svd' (exact, fp32) or 'randomized' (svd_lowrank)."}
+    )
+    n_iter: int = field(default=4, metadata={"help": "Power iterations for init_method='randomized'."})
+    shard_init: bool = field(
+        default=True, metadata={"help": "Factor layer i on rank i mod K, then broadcast (faster init on K devices)."}
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "How W absorbs folds: 'fp32' master, 'bf16_kahan', 'bf16_sr' or 'model' (plain dtype)."},
+    )
+    bucket_size_mb: float = field(
+        default=0.0, metadata={"help": "Max MiB per gather buffer; 0 = one buffer, one collective per step."}
+    )
+    sync_check_steps: int = field(
+        default=50, metadata={"help": "Compare a checksum of W across devices every N folds; 0 disables."}
+    )
+    on_sync_mismatch: str = field(
+        default="raise", metadata={"help": "'raise' (stop, naming the layer) or 'resync' (copy rank 0's W, log)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for randomized SVD and stochastic rounding."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"HDPiSSAConfig.r must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"HDPiSSAConfig.lora_alpha must be positive, got {self.lora_alpha!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"HDPiSSAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.init_method not in INIT_METHODS:
+            raise ValueError(f"HDPiSSAConfig.init_method must be one of {INIT_METHODS}, got {self.init_method!r}.")
+        if self.n_iter < 0:
+            raise ValueError(f"HDPiSSAConfig.n_iter must be >= 0, got {self.n_iter!r}.")
+        if self.precision not in PRECISION_MODES:
+            raise ValueError(f"HDPiSSAConfig.precision must be one of {PRECISION_MODES}, got {self.precision!r}.")
+        if self.bucket_size_mb < 0:
+            raise ValueError(f"HDPiSSAConfig.bucket_size_mb must be >= 0, got {self.bucket_size_mb!r}.")
+        if self.sync_check_steps < 0:
+            raise ValueError(f"HDPiSSAConfig.sync_check_steps must be >= 0, got {self.sync_check_steps!r}.")
+        if self.on_sync_mismatch not in ON_MISMATCH:
+            raise ValueError(
+                f"HDPiSSAConfig.on_sync_mismatch must be one of {ON_MISMATCH}, got {self.on_sync_mismatch!r}."
+            )
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules:
+                raise ValueError("HDPiSSAConfig.target_modules is empty; give names, a regex or 'all-linear'.")
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(
+                f"HDPiSSAConfig.target_modules must be a list of names, a regex or 'all-linear', "
+                f"got {self.target_modules!r}."
+            )
+
+    @property
+    def scale(self) -> float:
+        """The adapter scale ``s = lora_alpha / r`` used in the gradients and the fold."""
+        return float(self.lora_alpha) / self.r
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,71 @@
+"""Initial factors: the top ``K·r`` singular directions of each weight, identical on every device.
+
+Device ``k`` owns the slice ``idx = [k·r, (k+1)·r)``: ``A0_k = sqrt(S[idx])·Vh[idx]``, ``B0_k = U[:, idx]·sqrt(S[idx])``.
+Singular vectors are only defined up to sign (and rotation inside repeated singular values), so two devices that
+factor the same matrix independently may disagree; each layer is therefore factored on ONE rank and broadcast.
+With ``shard_init`` layer ``i`` is factored on rank ``i mod K`` so the K devices split the work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_iter: int = 4,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(A0_all, B0_all)`` of shapes ``(k, n)`` and ``(m, k)`` from the top-``k`` SVD of ``weight`` (fp32).
+
+    ``B0_all @ A0_all`` is the best rank-``k`` approximation of ``weight``.
+    """
+    w = weight.detach().to(torch.float32)
+    if method == "svd":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    elif method == "randomized":
+        # svd_lowrank draws from the global RNG: fork it so init neither depends on nor disturbs the user's seed.
+        devices = [w.device] if w.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            q = min(k + 8, min(w.shape))
+            U, S, V = torch.svd_lowrank(w, q=q, niter=n_iter)
+        U, S, Vh = U[:, :k], S[:k], V[:, :k].t()
+    else:
+        raise ValueError(f"Unknown init method {method!r}; use 'svd' or 'randomized'.")
+    root = S.sqrt()
+    A0_all = (root[:, None] * Vh).contiguous()
+    B0_all = (U * root[None, :]).contiguous()
+    return A0_all, B0_all
+
+
+def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n_iter: int, seed: int,
+                             shard: bool, show_progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Factor every weight once and give every rank the same ``(A0_all, B0_all)``.
+
+    Must be called by all ranks with the same list of weights (same shapes, same order). Without an initialised
+    process group it simply factors everything locally.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    owners = [(i % world) if shard else 0 for i in range(len(weights))]
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
+    mine = [i for i in range(len(weights)) if not distributed or owners[i] == rank]
+    iterator = mine
+    if show_progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine, desc="HD-PiSSA SVD init")
+    # Phase 1: every rank factors its own layers (in parallel across ranks).
+    for i in iterator:
+        factors[i] = top_singular_factors(weights[i], k, method, n_iter, seed + i)
+    # Phase 2: each layer's owner broadcasts it, so every rank holds bit-identical factors.
+    if distributed:
+        for i, w in enumerate(weights):
+            if factors[i] is None:
+                m, n = w.shape
+                factors[i] = (torch.empty(k, n, dtype=torch.float32, device=w.device),
+                              torch.empty(m, k, dtype=torch.float32, device=w.device))
+            dist.broadcast(factors[i][0], src=owners[i])
+            dist.broadcast(factors[i][1], src=owners[i])
+    return factors  # type: ignore[return-value]

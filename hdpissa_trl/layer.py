@@ -1,0 +1,136 @@
+"""The replaced module: a linear layer whose output is the base output, with HD-PiSSA adapter gradients.
+
+At every step start the adapter sits at its initial value ``(A0, B0)`` and the full weight already contains
+``s·B0A0`` (``W = W_res + s·B0A0``), so the adapter path adds nothing to the forward value and nothing to ``dL/dx``.
+Only the backward differs from a frozen linear: it also yields the local adapter gradients
+
+    grad_A = s · B^T δ^T x        (r × n)
+    grad_B = s · δ^T (x A^T)      (m × r)
+
+with ``δ = dL/dy`` summed over tokens. A custom autograd function computes exactly that: the forward costs the
+base matmul plus one thin ``x A^T`` (saved for grad_B), never a dense ``B@A`` and never a ``1e-16`` trick.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _HDPiSSALinearFn(torch.autograd.Function):
+    """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):  # noqa: D401
+        y = F.linear(x, weight, bias)
+        # x A^T in the adapter dtype (fp32): small (tokens × r), needed for grad_B.
+        xa = x_adapter.to(lora_A.dtype) @ lora_A.t()
+        ctx.save_for_backward(x_adapter, xa, weight, lora_A, lora_B)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_adapter, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scale
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            # Base path only: the adapter contributes nothing to dL/dx.
+            grad_x = grad_y @ weight.to(grad_y.dtype)
+        d = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype)  # (T, m)
+        if ctx.needs_input_grad[4]:
+            xin = x_adapter.reshape(-1, x_adapter.shape[-1]).to(lora_A.dtype)  # (T, n)
+            grad_A = (d @ lora_B).t() @ xin
+            grad_A.mul_(s)
+        if ctx.needs_input_grad[5]:
+            grad_B = d.t() @ xa.reshape(-1, xa.shape[-1])
+            grad_B.mul_(s)
+        return grad_x, None, None, None, grad_A, grad_B, None
+
+
+class HDPiSSALinear(nn.Module):
+    """An ``nn.Linear`` with a per-device HD-PiSSA adapter slice.
+
+    Holds the original linear as ``base_layer`` (its weight is the full ``W``, frozen), the trainable fp32 factors
+    ``lora_A`` (r × n) and ``lora_B`` (m × r) of THIS device, and buffers ``A0_all`` (K·r × n) / ``B0_all``
+    (m × K·r) with the initial factors of ALL devices (every device needs them for the fold).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, rank: int, world_size: int, scale: float,
+                 lora_dropout: float = 0.0, name: str = ""):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"HDPiSSALinear wraps nn.Linear, got {type(base_layer).__name__} for {name!r}.")
+        self.base_layer = base_layer
+        self.r = r
+        self.rank = rank
+        self.world_size = world_size
+        self.scale = scale
+        self.name = name
+        m, n = base_layer.out_features, base_layer.in_features
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.zeros(r, n, dtype=torch.float32, device=base_layer.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(m, r, dtype=torch.float32, device=base_layer.weight.device))
+        self.register_buffer("A0_all", torch.zeros(world_size * r, n, dtype=torch.float32,
+                                                   device=base_layer.weight.device))
+        self.register_buffer("B0_all", torch.zeros(m, world_size * r, dtype=torch.float32,
+                                                   device=base_layer.weight.device))
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+
+    # -- shapes -----------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full weight ``W`` (what a merged model holds)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def own_slice(self) -> slice:
+        """Rows of ``A0_all`` / columns of ``B0_all`` owned by this device: ``[k·r, (k+1)·r)``."""
+        return slice(self.rank * self.r, (self.rank + 1) * self.r)
+
+    @property
+    def A0(self) -> torch.Tensor:
+        return self.A0_all[self.own_slice()]
+
+    @property
+    def B0(self) -> torch.Tensor:
+        return self.B0_all[:, self.own_slice()]
+
+    @torch.no_grad()
+    def set_initial_factors(self, A0_all: torch.Tensor, B0_all: torch.Tensor) -> None:
+        """Install all devices' initial factors and put this device's adapter at its slice."""
+        self.A0_all.copy_(A0_all)
+        self.B0_all.copy_(B0_all)
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """``A ← A0``, ``B ← B0`` (in place, so optimizer state keeps pointing at the same tensors)."""
+        self.lora_A.copy_(self.A0)
+        self.lora_B.copy_(self.B0)
+
+    # -- compute ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+            return self.base_layer(x)  # inference / frozen: exactly the base layer
+        x_adapter = self.lora_dropout(x.detach())
+        return _HDPiSSALinearFn.apply(x, x_adapter, self.base_layer.weight, self.base_layer.bias,
+                                      self.lora_A, self.lora_B, self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, device_slice={self.rank}/"
+                f"{self.world_size}, scale={self.scale:g}")

@@ -1,0 +1,78 @@
+"""HDPiSSALinear: base output unchanged, adapter gradients equal the formulas, nothing flows into x."""
+
+import pytest
+import torch
+from torch import nn
+
+from hdpissa_trl.layer import HDPiSSALinear
+
+
+def make_layer(m=12, n=10, r=2, K=3, rank=1, scale=1.5, bias=True, dropout=0.0):
+    torch.manual_seed(0)
+    base = nn.Linear(n, m, bias=bias)
+    layer = HDPiSSALinear(base, r=r, rank=rank, world_size=K, scale=scale, lora_dropout=dropout, name="x")
+    layer.set_initial_factors(torch.randn(K * r, n), torch.randn(m, K * r))
+    return layer
+
+
+def test_forward_equals_base_and_grad_x_untouched():
+    layer = make_layer()
+    x = torch.randn(4, 5, 10, requires_grad=True)
+    y = layer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = layer.base_layer(x_ref)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+
+
+def test_adapter_grads_equal_formulas():
+    layer = make_layer(scale=2.5)
+    x = torch.randn(3, 7, 10)
+    g = torch.randn(3, 7, 12)
+    layer(x).backward(g)
+    X, D = x.reshape(-1, 10).double(), g.reshape(-1, 12).double()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    # grad_A = s · B^T δ^T x,  grad_B = s · δ^T (x A^T), written out per token as the slow reference.
+    gA = sum(2.5 * B.t() @ D[t:t + 1].t() @ X[t:t + 1] for t in range(X.shape[0]))
+    gB = sum(2.5 * D[t:t + 1].t() @ (X[t:t + 1] @ A.t()) for t in range(X.shape[0]))
+    torch.testing.assert_close(layer.lora_A.grad.double(), gA, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B.grad.double(), gB, rtol=1e-5, atol=1e-6)
+
+
+def test_grads_match_full_weight_gradient_chain_rule():
+    """grad_A = s·B^T G and grad_B = s·G A^T where G = dL/dW of the plain layer."""
+    layer = make_layer(scale=0.5, bias=False)
+    x = torch.randn(6, 10)
+    W = layer.base_layer.weight.detach().clone().requires_grad_(True)
+    loss_ref = (torch.nn.functional.linear(x, W) ** 2).sum()
+    loss_ref.backward()
+    (layer(x) ** 2).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, 0.5 * layer.lora_B.detach().t() @ W.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, 0.5 * W.grad @ layer.lora_A.detach().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_own_slice_and_reset():
+    layer = make_layer(K=3, rank=2, r=2)
+    assert torch.equal(layer.lora_A.detach(), layer.A0_all[4:6])
+    assert torch.equal(layer.lora_B.detach(), layer.B0_all[:, 4:6])
+    with torch.no_grad():
+        layer.lora_A.add_(1.0)
+    layer.reset_adapter()
+    assert torch.equal(layer.lora_A.detach(), layer.A0_all[4:6])
+
+
+def test_no_grad_path_is_base_and_dropout_only_on_adapter():
+    layer = make_layer(dropout=0.5)
+    layer.train()
+    x = torch.randn(2, 10)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.equal(layer(x), layer.base_layer(x))  # dropout never touches the output value
+
+
+def test_rejects_non_linear():
+    with pytest.raises(TypeError, match="wraps nn.Linear"):
+        HDPiSSALinear(nn.Conv1d(2, 2, 1), r=1, rank=0, world_size=1, scale=1.0)
