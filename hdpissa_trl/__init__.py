@@ -29,3 +29,7 @@ __all__ = [
     "top_singular_factors",
     "weight_checksums",
 ]
+
+from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint  # noqa: E402
+
+__all__ += ["HDPiSSASFTTrainer", "HDPiSSATrainerMixin", "build_peft_config", "load_hdpissa_checkpoint"]

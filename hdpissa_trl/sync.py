@@ -75,13 +75,19 @@ def local_delta_buffer(layers: list[HDPiSSALinear]) -> torch.Tensor:
     return torch.cat(parts).to(torch.float32)
 
 
+def _all_gather_flat(out: torch.Tensor, local: torch.Tensor, group=None) -> None:
+    """One flat all-gather (``all_gather_single`` where torch has it; it replaced ``all_gather_into_tensor``)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, local, group=group)
+
+
 def gather_buffers(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
     """All-gather ``local`` from every rank into a ``(K, numel)`` tensor. Returns it and the number of collectives."""
     distributed, world, _ = _dist_world(group)
     if not distributed or world == 1:
         return local.unsqueeze(0), 0
     out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    _all_gather_flat(out, local.contiguous(), group)
     return out.view(world, -1), 1
 
 
@@ -173,7 +179,7 @@ def check_weights_consistent(layers: list[HDPiSSALinear], names: list[str], step
     dev = layers[0].base_layer.weight.device if layers else torch.device("cpu")
     local_dev = local.to(dev)
     out = torch.empty(world * local.numel(), dtype=torch.int64, device=dev)
-    dist.all_gather_into_tensor(out, local_dev, group=group)
+    _all_gather_flat(out, local_dev, group)
     table = out.view(world, -1).cpu()
     bad = (table != table[0:1]).any(dim=0).nonzero().flatten().tolist()
     if not bad:

@@ -14,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests"), env.get("PYTHONPATH", "")])
@@ -28,7 +28,7 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: float = 300, **e
     """``torch.distributed.run`` with ``nproc`` CPU processes; raises with the output if it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", script, *args]
-    proc = subprocess.run(cmd, env=test_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

@@ -58,7 +58,7 @@ def main() -> None:
     opt = make_optimizer(engine.adapter_parameters(), args.optim, args.lr)
 
     # Count every collective the fold issues.
-    counts = {"all_gather_into_tensor": 0, "all_gather": 0, "all_reduce": 0, "broadcast": 0}
+    counts = {"all_gather_single": 0, "all_gather_into_tensor": 0, "all_gather": 0, "all_reduce": 0, "broadcast": 0}
     for name in counts:
         orig = getattr(dist, name)
 
