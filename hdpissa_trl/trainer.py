@@ -141,9 +141,59 @@ class HDPiSSATrainerMixin:
             self._fold_log = []
         super().log(logs, *args, **kwargs)
 
+    # -- model card -------------------------------------------------------------------------------------------
+    def hdpissa_card_info(self) -> dict[str, Any]:
+        """What the model card says about the method and run (extended by recipes with data and provenance)."""
+        cfg, K = self.hdpissa_config, self.accelerator.num_processes
+        info: dict[str, Any] = {"method": self.method, "devices K": K}
+        if self.method == "hdpissa":
+            info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
+                         "update rank per step (2·K·r)": 2 * K * cfg.r,
+                         "directions owned (K·r)": K * cfg.r, "init": cfg.init_method,
+                         "W precision": cfg.precision, "target modules": cfg.target_modules})
+        elif self.method in ("pissa", "lora"):
+            info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
+        args = self.args
+        info.update({"learning rate": args.learning_rate, "lr scheduler": getattr(args.lr_scheduler_type, "value",
+                                                                                   args.lr_scheduler_type),
+                     "optimizer steps": self.state.global_step,
+                     "effective batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * K,
+                     "weight decay": args.weight_decay})
+        info.update(getattr(self, "hdpissa_extra_card_info", {}) or {})
+        return info
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, **kwargs) -> None:
+        """TRL's card plus the HD-PiSSA section, the loss plot and ``model-index`` evaluation results."""
+        from .card import plot_training_loss, update_model_card
+
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags + ["hd-pissa"])
+        if not self.is_world_process_zero():
+            return
+        out = self.args.output_dir
+        plot = plot_training_loss(self.state.log_history, os.path.join(out, "training_loss.png"))
+        update_model_card(os.path.join(out, "README.md"), self.hdpissa_card_info(),
+                          report=getattr(self, "hdpissa_eval_report", None),
+                          before=getattr(self, "hdpissa_eval_before", None), loss_plot=plot,
+                          model_name=model_name or os.path.basename(os.path.abspath(out)))
+
     # -- saving -----------------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``."""
+        """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.
+
+        The Hub token is blanked while ``training_args.bin`` is written, so it never lands in a file.
+        """
+        token = getattr(self.args, "hub_token", None)
+        try:
+            if token is not None:
+                self.args.hub_token = None
+            self._save_merged(output_dir, state_dict)
+        finally:
+            if token is not None:
+                self.args.hub_token = token
+
+    def _save_merged(self, output_dir: str | None, state_dict: dict | None) -> None:
         if self.hdpissa_engine is not None and state_dict is None:
             state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
             return super()._save(output_dir, state_dict=state_dict)

@@ -87,26 +87,26 @@ def _math_chat(rng: random.Random) -> Example:
         a, b = rng.randint(100, 9999), rng.randint(100, 9999)
         c = a + b
         prompt = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        steps = [f"{name} starts with {a} {item} and gets {b} more.", f"{a} + {b} = {c}."]
+        steps = [f"{a} + {b} = {c}."]
         key = (kind, a, b)
     elif kind == "sub":
         a = rng.randint(1000, 9999)
         b = rng.randint(100, a - 1)
         c = a - b
         prompt = f"{name} has {a} {item} and gives away {b} of them. How many {item} does {name} have left?"
-        steps = [f"{name} gives away {b} of the {a} {item}.", f"{a} - {b} = {c}."]
+        steps = [f"{a} - {b} = {c}."]
         key = (kind, a, b)
     elif kind == "mul":
         a, b = rng.randint(12, 99), rng.randint(12, 99)
         c = a * b
         prompt = f"Each box holds {a} {item}. How many {item} are in {b} boxes?"
-        steps = [f"There are {b} boxes with {a} {item} each.", f"{b} * {a} = {c}."]
+        steps = [f"{b} boxes of {a}: {b} * {a} = {c}."]
         key = (kind, a, b)
     elif kind == "div":
         b, c = rng.randint(3, 24), rng.randint(12, 500)
         a = b * c
         prompt = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
-        steps = [f"{a} {item} are split into {b} equal parts.", f"{a} / {b} = {c}."]
+        steps = [f"{a} / {b} = {c}."]
         key = (kind, a, b)
     elif kind == "sub2":
         a = rng.randint(2000, 9999)

