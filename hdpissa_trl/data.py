@@ -33,7 +33,7 @@ def _load_one(dataset_config, streaming: bool = False) -> Dataset:
     single = type(dataset_config)(**{**vars(dataset_config), "fraction": None})
     try:
         return get_dataset(DatasetMixtureConfig(datasets=[single], streaming=streaming))["train"]
-    except Exception as exc:  # datasets raises many types for "not reachable"
+    except Exception as exc:  # datasets raises many types (and a bare StopIteration for an empty json file)
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         local = os.path.exists(dataset_config.path) or dataset_config.path in ("json", "csv", "parquet", "arrow",
                                                                                   "text")
@@ -41,7 +41,8 @@ def _load_one(dataset_config, streaming: bool = False) -> Dataset:
             raise DataError(f"Data files of dataset {dataset_label(dataset_config)!r} not found: {exc}. Relative "
                             f"paths are resolved from the current directory ({os.getcwd()}).") from exc
         if local and not isinstance(exc, ConnectionError):
-            raise
+            raise DataError(f"Cannot read dataset {dataset_label(dataset_config)!r}: {type(exc).__name__}: {exc} "
+                            f"(is the file empty or malformed?).") from exc
         hint = (" The Hub is not reachable (offline)." if offline else "") + (
             " To use local files instead, write the entry as\n"
             "  datasets:\n    - path: json            # or parquet, arrow, csv\n"

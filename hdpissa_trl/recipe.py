@@ -113,8 +113,14 @@ def _locked(path: Path):
     return fh
 
 
+# The demo's model: small enough for a 2-core CPU, large enough to learn the demo tasks through a frozen output head.
+DEMO_MODEL_KWARGS = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                         initializer_range=0.2)
+
+
 def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwargs) -> str:
     """Create the demo's tiny random model + tokenizer at ``path`` once (atomic; safe with K processes)."""
+    config_kwargs = {**DEMO_MODEL_KWARGS, **config_kwargs}
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)

@@ -65,14 +65,20 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
-                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, tokenizer=None):
-    """A small ``PretrainedConfig`` of the given architecture: ``llama``, ``qwen2`` or ``gpt2``."""
+                num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, tokenizer=None,
+                initializer_range: float = 0.02):
+    """A small ``PretrainedConfig`` of the given architecture: ``llama``, ``qwen2`` or ``gpt2``.
+
+    ``initializer_range`` above the usual 0.02 gives a random model peaked enough logits to learn from quickly
+    through its frozen output head (the demo uses 0.2).
+    """
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     ids = {}
     if tokenizer is not None:
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
+    ids["initializer_range"] = initializer_range
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                            num_hidden_layers=num_layers, num_attention_heads=num_heads,

@@ -93,6 +93,7 @@ class HDPiSSATrainerMixin:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
+        self._check_targets(model)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
         if getattr(self.args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
@@ -109,6 +110,20 @@ class HDPiSSATrainerMixin:
 
         self.accelerator.prepare_model = prepare_model_without_ddp
         self.add_callback(_FoldCallback(self))
+
+    def _check_targets(self, model) -> None:
+        """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
+        never receive a gradient. Refuse it before any work, as TRL does for PEFT."""
+        from .model import find_target_modules
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or not isinstance(self, SFTTrainer):
+            return
+        hit = [name for name, mod in find_target_modules(model, self.hdpissa_config) if mod is head]
+        if hit:
+            raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with SFTTrainer: it computes "
+                             f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
+                             f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
 
     # -- the fold ---------------------------------------------------------------------------------------------
     def hdpissa_after_optimizer_step(self) -> None:
