@@ -1,0 +1,116 @@
+"""The recipe contract: `accelerate launch ... recipes/sft_multitask.py --config recipes/demo/config.yaml`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from _dist import child_env, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join("recipes", "sft_multitask.py")
+
+
+def contract(output_dir, *overrides: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate_configs/cpu.yaml",
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), SCRIPT,
+           "--config", "recipes/demo/config.yaml", "--output_dir", str(output_dir), *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sft_multitask", os.path.join(ROOT, SCRIPT))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_contract_end_to_end(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "demo"
+    proc = contract(out, "--max_steps", "6", "--eval_limit", "4", "--logging_steps", "2")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "trainer_state.json", "eval_results.json"):
+        assert (out / name).exists(), name
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert all("lora" not in k and "base_layer" not in k for k in keys)
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype.__repr__() == "torch.float32"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "| devices K | 2 |" in card and "| per-device r | 4 |" in card
+    assert ROOT not in card, "no absolute machine path in the card"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(h["hdpissa/collectives_per_step"] == 1 for h in state["log_history"]
+                                    if "loss" in h)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["results"]) == {"math", "code", "text"} and results["before"] is not None
+    assert str(out / "model.safetensors") in proc.stdout
+
+
+@pytest.mark.slow
+def test_overrides_and_resume(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    sys.path.insert(0, ROOT)
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    save_tiny_model(base, "qwen2", hidden_size=64, intermediate_size=128)
+    out = tmp_path / "lora"
+    common = ["--model_name_or_path", str(base), "--build_tiny_model", "false", "--method", "lora", "--lora_r", "2",
+              "--lora_alpha", "4", "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "0.01",
+              "--lr_scheduler_type", "constant", "--seed", "3", "--per_device_train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--dtype", "float32", "--save_steps", "2", "--save_total_limit", "3",
+              "--eval_tasks",
+              "text=recipes/demo/data/text_test.jsonl", "--eval_limit", "4", "--max_steps", "4"]
+    contract(out, *common)
+    card = (out / "README.md").read_text()
+    assert "| method | lora |" in card and "| r | 2 |" in card and "| learning rate | 0.01 |" in card
+    assert "| effective batch | 8 |" in card and "| lr scheduler | constant |" in card
+    assert (out / "checkpoint-4").exists() and (out / "checkpoint-2").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert type(tuned).__name__ == "Qwen2ForCausalLM"
+    # Resume from a checkpoint on the command line (HD-PiSSA this time, K=2).
+    out2 = tmp_path / "hd"
+    hd = [a if a != "lora" else "hdpissa" for a in common]
+    contract(out2, *hd[:-2], "--max_steps", "2")
+    contract(out2, *hd[:-2], "--max_steps", "4", "--resume_from_checkpoint", str(out2 / "checkpoint-2"))
+    state = json.loads((out2 / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_yaml_cli_precedence_and_unknown_keys(tmp_path):
+    mod = load_script()
+    parser = mod.make_parser()
+    cfg = os.path.join(ROOT, "recipes", "demo", "config.yaml")
+    script_args, training_args, model_args, data_args = parser.parse_args_and_config(
+        ["--config", cfg, "--learning_rate", "0.5", "--lora_r", "7", "--method", "pissa"])
+    raw = yaml.safe_load(open(cfg))
+    assert training_args.learning_rate == 0.5 and raw["learning_rate"] != 0.5  # CLI beats YAML
+    assert model_args.lora_r == 7 and script_args.method == "pissa"
+    assert training_args.max_steps == raw["max_steps"]  # YAML beats defaults
+    assert len(data_args.datasets) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(cfg).read() + "\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        mod.make_parser().parse_args_and_config(["--config", str(bad)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [0.1\nmax_steps: 3\n")
+    with pytest.raises(yaml.YAMLError):
+        mod.make_parser().parse_args_and_config(["--config", str(broken)])
+    with pytest.raises(ValueError, match="Unknown method 'dora'"):
+        mod.make_parser().parse_args_and_config(["--config", cfg, "--method", "dora"])
