@@ -252,7 +252,8 @@ def _run_check(program: str, entry_point: str, candidate: Any = None) -> bool:
 def _render_code(func: _Func, style: str) -> Example:
     """Render a function task as HumanEval-style prompt/completion and test, and verify it by execution.
 
-    ``demo``: the completion is the indented body (``prompt + completion`` is the function, as in HumanEval).
+    ``demo``: the completion is the newline + indented body (``prompt + completion`` is the function, as in
+    HumanEval).
     ``chat``: the prompt asks (in a comment) for the whole function and the completion is the complete function,
     so both ``prompt + completion`` and the completion alone define a working ``entry_point``.
     """
@@ -266,8 +267,10 @@ def _render_code(func: _Func, style: str) -> Example:
     )
     signature = f"def {func.name}({func.param}):\n"
     if style == "demo":
-        prompt = f'{signature}    """{func.doc}"""\n'
-        completion = body
+        # The newline after the docstring starts the completion: a byte-level BPE merges "\n" with the following
+        # indentation, so a prompt ending in "\n" would end on a token the model never sees before the body.
+        prompt = f'{signature}    """{func.doc}"""'
+        completion = "\n" + body
     else:
         # The docstring shows one call whose result says something (not empty, zero or the input unchanged).
         example = next((x for x, y in zip(func.inputs, expected) if y not in (0, -1, [], "", x)), func.inputs[-1])
