@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from functools import partial
 
 RESULT_MARK = "@@SANDBOX_RESULT@@ "
 _UNSHARE_FLAGS = (
@@ -87,7 +89,7 @@ def _namespace_prefix(python: str) -> list[str]:
 
 
 def _privilege_drop(python: str) -> tuple[list[str], tuple[int, int] | None]:
-    """When we are root: a ``setpriv`` prefix that runs the child as ``nobody`` (and nobody's ids), else ``([], None)``.
+    """As root: a ``setpriv`` prefix running the child as ``nobody``, and nobody's ids; else ``([], None)``.
 
     Plain ``nobody`` is preferred. If the interpreter is unreadable for ``nobody`` (e.g. a pyenv under /root), the
     child keeps exactly one capability, CAP_DAC_READ_SEARCH (read any file): still far less than root -- it cannot
@@ -107,12 +109,15 @@ def _privilege_drop(python: str) -> tuple[list[str], tuple[int, int] | None]:
                         "--clear-groups", "--no-new-privs"]
                 read_cap = ["--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search",
                             "--bounding-set=-all,+dac_read_search"]
-                probe = [python, "-I", "-B", "-c", "import json, math, resource, traceback, socket, subprocess"]
+                code = "import json, math, resource, traceback, socket, subprocess, sys; print(sys.version)"
+                probe = [python, "-I", "-B", "-c", code]
+                run = partial(subprocess.run, cwd="/", stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=_minimal_env("/"), timeout=30)
+                expected = run(probe).stdout
                 for flags in (base, base + read_cap):
-                    done = subprocess.run([*flags, "--", *probe], cwd="/", stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          env=_minimal_env("/"), timeout=30)
-                    if done.returncode == 0:
+                    done = run([*flags, "--", *probe])
+                    # same version string: the very interpreter we probed ran, not some fallback found on the way
+                    if done.returncode == 0 and done.stdout == expected:
                         found = ([*flags, "--"], (entry.pw_uid, entry.pw_gid))
                         break
             except (KeyError, OSError, subprocess.SubprocessError):
@@ -139,6 +144,18 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, limit: float = 1.0) -> None:
+    """After a SIGKILL, give the group's processes a moment to actually die (bounded: zombies that nobody reaps
+    still count as members, so this never waits longer than ``limit``)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
 
 
 def _tail(path: str, limit: int = 65536) -> str:
@@ -212,8 +229,10 @@ def run_program(program: str, timeout: float = 3.0, memory_mb: int = 2048, max_f
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                _kill_group(proc.pid)  # also reaps anything the program left running in its group
+                _kill_group(proc.pid)  # also ends anything the program left running in its group
                 proc.wait()
+                if timed_out:  # the namespace's init may be dying in parallel with the unshare wrapper
+                    _wait_group_gone(proc.pid)
         return _verdict(proc.returncode, timed_out, _tail(err_path))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -228,7 +247,11 @@ def _apply_limits(config: dict) -> None:
               "RLIMIT_NPROC": config["max_processes"]}
     for name, value in limits.items():
         if hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (value, value))
+            which = getattr(resource, name)
+            hard = resource.getrlimit(which)[1]
+            if hard != resource.RLIM_INFINITY:  # an unprivileged process can only lower its hard limit
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
 
 
 def _denied(what: str):

@@ -33,7 +33,7 @@ Example:
 
 
 def predicted_index(logliks: list[float], lengths: list[float] | None = None) -> int | None:
-    """Argmax of (optionally length-normalised) log-likelihoods; NaN counts as -inf; ``None`` when nothing is finite."""
+    """Argmax of (optionally length-normalised) log-likelihoods; NaN counts as -inf; ``None`` if nothing is finite."""
     if lengths is not None and len(lengths) != len(logliks):
         raise ValueError(f"lengths has {len(lengths)} entries but there are {len(logliks)} choices")
     best, best_score = None, -math.inf

@@ -1,0 +1,29 @@
+"""Score any causal-LM directory (or an already-loaded model) on math, code and multiple-choice tasks.
+
+Independent of ``hdpissa_trl`` on purpose: it evaluates whatever ``AutoModelForCausalLM`` it is given, so baselines
+and models trained elsewhere are measured by the same code. Metrics are local ``evaluate`` modules
+(``evaluation/metrics``). Heavy imports (torch, transformers) happen only when the API is first used.
+
+    from evaluation import evaluate_model
+    report = evaluate_model("path/to/model", tasks=["gsm8k", "demo=data/demo.jsonl"], limit=50)
+"""
+
+from __future__ import annotations
+
+__all__ = ["evaluate_model", "TaskSpec", "get_task", "load_metric", "metric_path"]
+
+
+def __getattr__(name: str):
+    if name == "evaluate_model":
+        from .evaluator import evaluate_model
+
+        return evaluate_model
+    if name in ("TaskSpec", "get_task"):
+        from . import tasks
+
+        return getattr(tasks, name)
+    if name in ("load_metric", "metric_path"):
+        from . import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module 'evaluation' has no attribute {name!r}")

@@ -1,0 +1,176 @@
+"""Batched generation and continuation log-likelihoods for any ``AutoModelForCausalLM``.
+
+Generation pads on the LEFT so every prompt ends at the same position and new tokens line up across the batch
+(right padding would put pad tokens between a short prompt and its continuation). Prompts are sorted by length so
+batches waste little padding. Stop sequences are checked on the generated text only (never across the prompt
+boundary) and the output is truncated at the first one. An optional vLLM backend is used only when ``vllm`` is
+importable and CUDA is available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (excluding) the earliest occurrence of any stop sequence."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _pad_id(tokenizer, model) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(model.config, "pad_token_id", None),
+                      getattr(model.config, "eos_token_id", None)):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _max_length(model, tokenizer) -> int:
+    for value in (getattr(model.config, "max_position_embeddings", None), getattr(model.config, "n_positions", None),
+                  getattr(tokenizer, "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 10**7:
+            return value
+    return 2048
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Per-sequence stop once any stop string appears in the *generated* tail (the prompt is never searched)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, [s for s in stop if s], prompt_length
+        self.window = max(16, 4 * max((len(s) for s in self.stop), default=0))  # >= tokens a stop spans
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:][:, -self.window:],
+                                            skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
+             num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95, stop: Sequence[str] = (),
+             add_special_tokens: bool = True, show_progress: bool = True, desc: str = "generating") -> list[list[str]]:
+    """``num_samples`` completions per prompt (greedy when 1, sampling otherwise), truncated at ``stop``."""
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer, model)
+    limit = max(1, _max_length(model, tokenizer) - max_new_tokens)
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-limit:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    sampling = num_samples > 1
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sampling, num_return_sequences=num_samples,
+                              pad_token_id=pad_id, eos_token_id=eos,
+                              **({"temperature": temperature, "top_p": top_p} if sampling else {}))
+    outputs: list[list[str]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+            index = order[start:start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in index], pad_id, device)
+            criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, input_ids.shape[1])]) if stop else None
+            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                       stopping_criteria=criteria)
+            texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+            for j, text in enumerate(texts):
+                outputs[index[j // num_samples]].append(truncate_at_stop(text, stop))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _split_continuation(tokenizer, context: str, continuation: str, add_special_tokens: bool) -> tuple[list, list]:
+    """Token ids of context and continuation such that context + continuation tokenises as in one piece.
+
+    Trailing whitespace moves from the context to the continuation (tokenizers attach spaces to the next word),
+    then the continuation's ids are whatever follows the context's ids in the joint encoding.
+    """
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
+                   add_special_tokens: bool = True, show_progress: bool = True,
+                   desc: str = "scoring choices") -> list[tuple[float, int]]:
+    """``(sum of log p(continuation tokens | context), number of continuation tokens)`` per request."""
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer, model)
+    limit = _max_length(model, tokenizer)
+    items = []
+    for context, continuation in requests:
+        ctx, cont = _split_continuation(tokenizer, context, continuation, add_special_tokens)
+        if not ctx:  # the first continuation token needs something to be predicted from
+            ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id]
+        items.append(((ctx + cont)[-limit:], min(len(cont), limit - 1)))
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
+            index = order[start:start + batch_size]
+            width = max(len(items[i][0]) for i in index)
+            input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(index), width), dtype=torch.long)
+            for row, i in enumerate(index):  # right padding: positions stay 0..len-1 without position_ids
+                ids = items[i][0]
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            for row, i in enumerate(index):
+                ids, n_cont = items[i]
+                if n_cont == 0:
+                    results[i] = (0.0, 0)
+                    continue
+                positions = slice(len(ids) - n_cont - 1, len(ids) - 1)  # logits at t predict token t + 1
+                logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)
+                targets = torch.tensor(ids[len(ids) - n_cont:], device=logprobs.device)
+                results[i] = (float(logprobs.gather(-1, targets[:, None]).sum()), n_cont)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def vllm_available() -> bool:
+    """vLLM is used only when installed *and* a CUDA device exists (never installed by this project)."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def generate_vllm(llm, prompts: Sequence[str], max_new_tokens: int = 256, num_samples: int = 1,
+                  temperature: float = 0.8, top_p: float = 0.95, stop: Sequence[str] = (),
+                  seed: int | None = None) -> list[list[str]]:
+    """Same contract as :func:`generate` for a ``vllm.LLM``; greedy (temperature 0) when ``num_samples == 1``."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=num_samples, temperature=temperature if num_samples > 1 else 0.0,
+                            top_p=top_p if num_samples > 1 else 1.0, max_tokens=max_new_tokens,
+                            stop=list(stop) or None, seed=seed)
+    outputs = llm.generate(list(prompts), params)
+    return [[truncate_at_stop(o.text, stop) for o in out.outputs] for out in outputs]
