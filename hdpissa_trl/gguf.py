@@ -241,6 +241,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _check_written(out: Path) -> None:
+    """``save_pretrained`` silently writes nothing on a process whose torch.distributed rank is not 0: catch that."""
+    if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors*")):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        raise RuntimeError(f"Conversion wrote no weights to {out} (torch.distributed rank {rank}: transformers only "
+                           f"saves on rank 0). Convert on the main process first, e.g. inside "
+                           f"`training_args.main_process_first(local=False)`.")
+
+
 def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                  show_progress: bool = True, *, sha256: str | None = None) -> Path:
     """Convert a GGUF file into a plain ``save_pretrained`` checkpoint (safetensors + tokenizer + provenance).
@@ -298,6 +309,7 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torc
         with _transformers_progress(show_progress):
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
+            _check_written(out)
         provenance = {
             "gguf_file": src.name,
             "sha256": digest,
@@ -334,7 +346,7 @@ def default_cache_dir() -> Path:
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A cache entry counts only once its marker exists: the marker is written after every other file."""
-    return (Path(path) / COMPLETE_MARKER).is_file()
+    return (Path(path) / COMPLETE_MARKER).is_file() and (Path(path) / "config.json").is_file()
 
 
 @contextlib.contextmanager

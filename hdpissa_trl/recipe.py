@@ -131,6 +131,10 @@ def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwa
         if not (path / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
             save_tiny_model(tmp, arch=arch, **config_kwargs)
+            if not (tmp / "config.json").is_file():  # transformers writes only on torch.distributed rank 0
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"Building the tiny model at {path} wrote no files on this process (not rank 0 "
+                                   f"of torch.distributed); build it on the main process first.")
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

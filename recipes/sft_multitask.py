@@ -43,9 +43,11 @@ def main(script_args, training_args, model_args, dataset_args):
     from hdpissa_trl.data import build_mixture, dataset_label
     from hdpissa_trl.recipe import hdpissa_config_from_args, resolve_model_source, write_json_atomic
 
-    # Model: a local dir, a tiny model built offline (demo) or a GGUF file converted once into a cache.
-    model_path, gguf = resolve_model_source(model_args.model_name_or_path, script_args.gguf_file,
-                                            script_args.build_tiny_model)
+    # Model: a local dir, a tiny model built offline (demo) or a GGUF file converted once into a cache. The global
+    # main process goes first: transformers' save_pretrained writes files on torch.distributed rank 0 only.
+    with training_args.main_process_first(local=False, desc="resolving the model source"):
+        model_path, gguf = resolve_model_source(model_args.model_name_or_path, script_args.gguf_file,
+                                                script_args.build_tiny_model)
     model_init_kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                              attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
     if training_args.model_init_kwargs is not None:
