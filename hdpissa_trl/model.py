@@ -7,6 +7,7 @@ It knows nothing about ``transformers.Trainer``.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -16,10 +17,11 @@ from torch import nn
 from .config import HDPiSSAConfig
 from .init import distributed_init_factors
 from .layer import HDPiSSALinear
-from .precision import WeightUpdater
+from .precision import WeightUpdater, check_precision_supported
 from .sync import FoldStats, check_weights_consistent, fold_deltas, weight_checksums
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
+logger = logging.getLogger(__name__)
 
 
 def _matches(name: str, config: HDPiSSAConfig, output_head: set[str]) -> bool:
@@ -59,7 +61,7 @@ def find_target_modules(model: nn.Module, config: HDPiSSAConfig) -> list[tuple[s
     if not found:
         linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         other = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())
-                        and getattr(m, "weight", None) is not None and getattr(m, "weight").dim() == 2}
+                        and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
                        - {"Linear", "Embedding"})
         hint = f" The model has nn.Linear modules named {linear_names}" if linear_names else (
             " The model has no torch.nn.Linear layers")
@@ -112,6 +114,7 @@ class HDPiSSAEngine:
                     f"per-device r that fits this layer with K={K} is {largest}"
                     + (" (none: use fewer devices or exclude this layer)." if largest == 0 else ".")
                 )
+        check_precision_supported(config.precision, {name: module.weight for name, module in targets})
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -154,6 +157,9 @@ class HDPiSSAEngine:
         step = self.step if step is None else step
         resynced = check_weights_consistent(self.layers, self.names, step, self.updaters, self.group,
                                             on_mismatch or self.config.on_sync_mismatch)
+        if resynced:
+            logger.warning("HD-PiSSA weight mismatch at step %d on rank %d: re-synced %d layer(s) from rank 0 "
+                           "(on_sync_mismatch='resync'): %s", step, self.rank, len(resynced), ", ".join(resynced))
         self.last_check = {"step": step, "ok": not resynced, "resynced": resynced}
         return resynced
 

@@ -17,7 +17,38 @@ Every function is deterministic given its inputs: same inputs on every device gi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# The weight dtypes each mode can update. ``bf16_sr`` rounds to bfloat16 bits, so an fp16 weight cannot take it.
+SUPPORTED_DTYPES = {
+    "fp32": (torch.float32, torch.bfloat16, torch.float16),
+    "bf16_kahan": (torch.float32, torch.bfloat16, torch.float16),
+    "bf16_sr": (torch.float32, torch.bfloat16),
+    "model": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+}
+
+
+def check_precision_supported(mode: str, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a precision mode the adapted weights cannot take, before anything is modified; warn when it is a no-op.
+
+    ``bf16_sr`` on an fp16 weight is an error (stochastic rounding produces bfloat16 bits). ``bf16_kahan`` /
+    ``bf16_sr`` on fp32 weights warn: the fold is then applied exactly in fp32 and the mode changes nothing.
+    """
+    allowed = SUPPORTED_DTYPES.get(mode, ())
+    for name, w in weights.items():
+        if w.dtype not in allowed:
+            raise ValueError(
+                f"precision={mode!r} cannot update layer {name!r}: its weight is {w.dtype}, the mode supports "
+                f"{[str(d).replace('torch.', '') for d in allowed]}. Use precision='fp32' (fp32 master copy) or "
+                f"'bf16_kahan', or load the model in another dtype."
+            )
+    if mode in ("bf16_kahan", "bf16_sr") and weights and all(w.dtype == torch.float32 for w in weights.values()):
+        warnings.warn(
+            f"precision={mode!r} has no effect: the adapted weights are float32, so every fold is applied exactly "
+            f"in fp32. The mode matters when the model is loaded in bfloat16.", UserWarning, stacklevel=3
+        )
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ as ONE GEMM of inner dimension ``2·K·r`` (the delta form avoids the cancellati
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -81,13 +82,34 @@ def _all_gather_flat(out: torch.Tensor, local: torch.Tensor, group=None) -> None
     fn(out, local, group=group)
 
 
-def gather_buffers(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+class CollectiveError(RuntimeError):
+    """A collective of the fold or of the consistency check failed: a peer died or hangs, or the timeout ran out."""
+
+
+@contextlib.contextmanager
+def collective_errors(what: str, step: int | None, group=None):
+    """Re-raise a failed collective (gloo/NCCL timeout, closed connection) as a :class:`CollectiveError` that says
+    which rank and step, and how to give a slow peer more time. torch's own message names neither."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError and the gloo/NCCL errors are RuntimeErrors
+        _, world, rank = _dist_world(group)
+        raise CollectiveError(
+            f"HD-PiSSA {what} at step {step} failed on rank {rank} of {world}: {exc}. Another process probably died "
+            f"or hangs (read its log), or did not reach this step within the process-group timeout. To give slow "
+            f"steps more time raise `ddp_timeout` (seconds) in the training arguments (or `timeout=` of "
+            f"torch.distributed.init_process_group)."
+        ) from exc
+
+
+def gather_buffers(local: torch.Tensor, group=None, step: int | None = None) -> tuple[torch.Tensor, int]:
     """All-gather ``local`` from every rank into a ``(K, numel)`` tensor. Returns it and the number of collectives."""
     distributed, world, _ = _dist_world(group)
     if not distributed or world == 1:
         return local.unsqueeze(0), 0
     out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    _all_gather_flat(out, local.contiguous(), group)
+    with collective_errors("fold (all-gather of the adapter deltas)", step, group):
+        _all_gather_flat(out, local.contiguous(), group)
     return out.view(world, -1), 1
 
 
@@ -122,7 +144,7 @@ def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step
         blayers = [layers[i] for i in bucket]
         local = local_delta_buffer(blayers)
         tg = time.perf_counter()
-        gathered, ncoll = gather_buffers(local, group)
+        gathered, ncoll = gather_buffers(local, group, step)
         stats.gather_seconds += time.perf_counter() - tg
         stats.num_collectives += ncoll
         if ncoll:
@@ -179,7 +201,8 @@ def check_weights_consistent(layers: list[HDPiSSALinear], names: list[str], step
     dev = layers[0].base_layer.weight.device if layers else torch.device("cpu")
     local_dev = local.to(dev)
     out = torch.empty(world * local.numel(), dtype=torch.int64, device=dev)
-    _all_gather_flat(out, local_dev, group)
+    with collective_errors("weight consistency check (all-gather of checksums)", step, group):
+        _all_gather_flat(out, local_dev, group)
     table = out.view(world, -1).cpu()
     bad = (table != table[0:1]).any(dim=0).nonzero().flatten().tolist()
     if not bad:
@@ -192,9 +215,10 @@ def check_weights_consistent(layers: list[HDPiSSALinear], names: list[str], step
             f"{ranks} ({len(bad)} layer(s) differ in total). All devices must hold bit-identical W; set "
             f"on_sync_mismatch='resync' to copy rank 0's weights instead of stopping."
         )
-    for i in bad:
-        dist.broadcast(layers[i].base_layer.weight.data, src=0, group=group)
-        if updaters is not None:
-            for t in updaters[i].state().values():
-                dist.broadcast(t, src=0, group=group)
+    with collective_errors("re-sync of W from rank 0 (broadcast)", step, group):
+        for i in bad:
+            dist.broadcast(layers[i].base_layer.weight.data, src=0, group=group)
+            if updaters is not None:
+                for t in updaters[i].state().values():
+                    dist.broadcast(t, src=0, group=group)
     return bad_names

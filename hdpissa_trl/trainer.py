@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .config import HDPiSSAConfig
@@ -86,6 +88,7 @@ class HDPiSSATrainerMixin:
         self.save_dtype = save_dtype
         self._fold_log: list[FoldStats] = []
         self._skipped_folds = 0
+        self._apply_ddp_timeout()
         if self.method != "hdpissa":
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -110,6 +113,18 @@ class HDPiSSATrainerMixin:
 
         self.accelerator.prepare_model = prepare_model_without_ddp
         self.add_callback(_FoldCallback(self))
+
+    def _apply_ddp_timeout(self) -> None:
+        """Make ``ddp_timeout`` bound every collective on CPU too, so a dead or hung peer stops the others.
+
+        transformers passes ``ddp_timeout`` to ``init_process_group`` on GPUs but not with ``use_cpu=True``: the gloo
+        group then keeps torch's 30-minute default, and a hung process stalls the others that long.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+            return
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if set_timeout is not None:
+            set_timeout(datetime.timedelta(seconds=self.args.ddp_timeout))
 
     def _check_targets(self, model) -> None:
         """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
@@ -238,8 +253,11 @@ class HDPiSSATrainerMixin:
         name = f"checkpoint-{self.state.global_step}"
         tmp_parent = os.path.join(run_dir, f".tmp-{name}")
         final = os.path.join(run_dir, name)
-        if self.args.should_save and os.path.exists(tmp_parent):
-            shutil.rmtree(tmp_parent)
+        if self.args.should_save and os.path.isdir(run_dir):
+            # Leftovers of a save that crashed (this step's or any other): never complete, never resumed from.
+            for entry in os.listdir(run_dir):
+                if entry.startswith(f".tmp-{PREFIX_CHECKPOINT_DIR}-"):
+                    shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
         self._barrier()
         real_output_dir = self.args.output_dir
         self._in_checkpoint = True
@@ -295,7 +313,11 @@ class HDPiSSATrainerMixin:
         path = os.path.join(checkpoint, f"optimizer_rank{self.accelerator.process_index}.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Cannot resume: {path} is missing (every device's optimizer state is needed).")
-        self.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle: torch names neither the file nor the cause
+            raise ValueError(f"Cannot resume: {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
+        self.optimizer.load_state_dict(state)
 
 
 def load_hdpissa_checkpoint(engine: HDPiSSAEngine, ckpt_dir: str) -> None:
@@ -359,5 +381,24 @@ class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
     def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
                  save_dtype: torch.dtype | None = None, **kwargs):
         self._hdpissa_pre_init(method, hdpissa_config, kwargs)
+        self._check_datasets(args[1] if len(args) > 1 else kwargs.get("args"), kwargs)
         super().__init__(*args, **kwargs)
         self._hdpissa_setup(save_dtype)
+
+    @staticmethod
+    def _check_datasets(args, kwargs: dict) -> None:
+        """Empty datasets and missing columns fail here, in one line, before the model is loaded."""
+        from .data import check_sft_dataset
+
+        dataset_kwargs = getattr(args, "dataset_kwargs", None) or {}
+        needs_columns = kwargs.get("formatting_func") is None and not dataset_kwargs.get("skip_prepare_dataset")
+        text_field = getattr(args, "dataset_text_field", "text")
+        check_sft_dataset(kwargs.get("train_dataset"), "train", text_field, needs_columns)
+        check_sft_dataset(kwargs.get("eval_dataset"), "eval", text_field, needs_columns)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        from .data import check_after_truncation
+
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        check_after_truncation(dataset, prepared, dataset_name, args.max_length)
+        return prepared

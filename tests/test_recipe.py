@@ -114,3 +114,15 @@ def test_yaml_cli_precedence_and_unknown_keys(tmp_path):
         mod.make_parser().parse_args_and_config(["--config", str(broken)])
     with pytest.raises(ValueError, match="Unknown method 'dora'"):
         mod.make_parser().parse_args_and_config(["--config", cfg, "--method", "dora"])
+
+
+@pytest.mark.slow
+def test_demo_score_rises_from_base_to_trained(tmp_path):
+    """The full embedded demo (2 processes): the mean held-out score of the trained model beats the base model's."""
+    out = tmp_path / "demo"
+    contract(out)
+    results = json.loads((out / "eval_results.json").read_text())
+    after = {t: r["value"] for t, r in results["results"].items()}
+    before = {t: r["value"] for t, r in results["before"]["results"].items()}
+    assert sum(after.values()) / len(after) > sum(before.values()) / len(before) + 0.05, (before, after)
+    assert after["text"] > before["text"]

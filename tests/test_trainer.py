@@ -111,8 +111,8 @@ def test_resume_is_exact_two_processes(tiny_model_dir, tmp_path):
 
 
 def _single_process(tiny_model_dir, tmp_path, method="hdpissa", fmt="prompt_completion", steps=4):
-    from workers.trainer_worker import make_dataset
     from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
 
     from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
 
@@ -156,3 +156,43 @@ def test_unknown_method_is_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(ValueError, match="Unknown method 'dora'; choose one of hdpissa, pissa, lora, full"):
         HDPiSSASFTTrainer(model=tiny_model_dir, method="dora")
+
+
+def test_skipped_optimizer_step_folds_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """A step skipped by the fp16 GradScaler leaves A, B at A0, B0: the fold still runs on every rank (so the
+    collective cannot deadlock on a per-device decision) but adds exactly nothing to W."""
+    import accelerate
+    from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+
+    cfg = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=1, report_to=[], max_length=32,
+                    gradient_checkpointing=False)
+    trainer = HDPiSSASFTTrainer(model=tiny_model_dir, args=cfg, train_dataset=make_dataset(8),
+                                hdpissa_config=HDPiSSAConfig(r=2))
+    eng = trainer.hdpissa_engine
+    before = [lyr.base_layer.weight.detach().clone() for lyr in eng.layers]
+    monkeypatch.setattr(accelerate.Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    trainer.hdpissa_after_optimizer_step()
+    assert trainer._skipped_folds == 1 and eng.step == 1
+    assert all(torch.equal(b, lyr.base_layer.weight) for b, lyr in zip(before, eng.layers))
+
+
+def test_packing_eval_dataset_and_completion_only(tiny_model_dir, tmp_path):
+    """SFTTrainer features keep working: packing, an eval dataset evaluated during training, completion-only loss."""
+    from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+
+    cfg = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=4, learning_rate=1e-2,
+                    per_device_train_batch_size=2, logging_steps=2, save_strategy="no", report_to=[], max_length=48,
+                    packing=True, eval_strategy="steps", eval_steps=2, completion_only_loss=True,
+                    gradient_checkpointing=True)
+    trainer = HDPiSSASFTTrainer(model=tiny_model_dir, args=cfg, train_dataset=make_dataset(32),
+                                eval_dataset=make_dataset(8), hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4))
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and all(h["eval_loss"] > 0 for h in evals)
+    assert trainer.hdpissa_engine.step == 4

@@ -2,12 +2,18 @@
 
 Writes what the tests compare into ``--record_dir/rank{k}.pt``: world size seen by the trainer, each device's adapter
 slice after set-up, its adapter gradients at the first optimizer step, W after training and the loss curve.
+
+``--fault KIND:STEP:RANK`` injects a fault on one rank (see :func:`install_fault`); the rank that fires it first writes
+``--record_dir/fault_rank{RANK}.json`` so a test can check the fault really happened where it was meant to.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import time
 
 import torch
 from datasets import Dataset
@@ -67,6 +73,90 @@ class StopAfter(TrainerCallback):
             control.should_save = True
 
 
+FAULTS = ("backward", "fold", "checkpoint", "hang", "exit", "perturb")
+
+
+def install_fault(trainer, spec: str, record_dir: str) -> None:
+    """Arm one fault ``KIND:STEP:RANK`` on rank RANK at optimizer step STEP (1-based, gradient accumulation 1).
+
+    * ``backward``: SIGKILL inside the backward pass of step STEP (from a gradient hook of the last adapted layer);
+    * ``fold``: SIGKILL inside the fold of step STEP, after the all-gather and after the first layer's W was updated,
+      before the other layers' (W is half-folded in memory);
+    * ``checkpoint``: SIGKILL while checkpoint STEP is being written: the Trainer's files are in
+      ``.tmp-checkpoint-STEP``, the HD-PiSSA state and the completion marker are not;
+    * ``hang`` / ``exit``: sleep for an hour / ``os._exit(3)`` right before the fold of step STEP (the other ranks
+      wait in the fold's all-gather);
+    * ``perturb``: add 1e-3 to one entry of the first adapted layer's W after step STEP (a device that drifted).
+    """
+    kind, step, rank = spec.split(":")
+    step, rank = int(step), int(rank)
+    if kind not in FAULTS:
+        raise ValueError(f"unknown fault {kind!r}; choose one of {FAULTS}")
+    if trainer.accelerator.process_index != rank:
+        return
+    eng = trainer.hdpissa_engine
+
+    def fire(note: str) -> None:
+        os.makedirs(record_dir, exist_ok=True)
+        with open(os.path.join(record_dir, f"fault_rank{rank}.json"), "w") as f:
+            json.dump({"kind": kind, "step": step, "rank": rank, "note": note, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if kind in ("backward", "fold", "checkpoint"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "backward":
+        def hook(grad):
+            if trainer.state.global_step == step - 1:  # global_step counts completed steps
+                fire("in backward, from the gradient hook of the last adapted layer's lora_A")
+            return grad
+
+        eng.layers[-1].lora_A.register_hook(hook)
+    elif kind == "fold":
+        import hdpissa_trl.sync as sync
+
+        original, calls = sync.fold_layer, []
+
+        def fold_layer(layer, gathered, offset, updater, fold_step):
+            if fold_step == step:
+                calls.append(layer.name)
+                if len(calls) == 2:
+                    fire(f"mid-fold: deltas gathered, W of {calls[0]} updated, {layer.name} and later not yet")
+            return original(layer, gathered, offset, updater, fold_step)
+
+        sync.fold_layer = fold_layer
+    elif kind == "checkpoint":
+        original_save = trainer._save_hdpissa_state
+
+        def save_hdpissa_state(ckpt_dir):
+            if trainer.state.global_step == step:
+                fire(f"mid-checkpoint: {sorted(os.listdir(ckpt_dir))} written to {os.path.basename(ckpt_dir)}")
+            return original_save(ckpt_dir)
+
+        trainer._save_hdpissa_state = save_hdpissa_state
+    elif kind in ("hang", "exit"):
+        original_fold = eng.fold
+
+        def fold():
+            if eng.step + 1 == step:
+                fire(f"{kind} before the fold of step {step}")
+                if kind == "hang":
+                    time.sleep(3600)
+                os._exit(3)
+            return original_fold()
+
+        eng.fold = fold
+    else:
+        class Perturb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    with torch.no_grad():
+                        eng.layers[0].base_layer.weight[0, 0] += 1e-3
+                    fire(f"perturbed W[0, 0] of {eng.names[0]} after step {step}")
+
+        trainer.add_callback(Perturb())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -81,6 +171,11 @@ def main() -> None:
     ap.add_argument("--grad_accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--optim", default="adamw_torch")
+    ap.add_argument("--fault", default=None, help="KIND:STEP:RANK, see install_fault")
+    ap.add_argument("--ddp_timeout", type=int, default=1800)
+    ap.add_argument("--on_sync_mismatch", default="raise")
+    ap.add_argument("--hub_token", default=None)
+    ap.add_argument("--hub_model_id", default=None, help="push to this repo (hub_strategy='checkpoint')")
     args = ap.parse_args()
 
     cfg = SFTConfig(
@@ -88,15 +183,22 @@ def main() -> None:
         per_device_train_batch_size=4, gradient_accumulation_steps=args.grad_accum, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
         max_length=32, seed=7, optim=args.optim, lr_scheduler_type="cosine", warmup_steps=1, dataloader_num_workers=0,
-        max_grad_norm=1.0,
+        max_grad_norm=1.0, ddp_timeout=args.ddp_timeout, hub_token=args.hub_token,
+        push_to_hub=args.hub_model_id is not None, hub_model_id=args.hub_model_id, hub_strategy="checkpoint",
+        log_level="info" if args.hub_token else "passive",
     )
+    if args.hub_token:
+        print(cfg)  # what a script that echoes its configuration prints
     trainer = HDPiSSASFTTrainer(model=args.model, args=cfg, train_dataset=make_dataset(fmt=args.fmt),
-                                hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4, sync_check_steps=2),
+                                hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4, sync_check_steps=2,
+                                                              on_sync_mismatch=args.on_sync_mismatch),
                                 method=args.method)
     rec = Recorder(trainer)
     trainer.callback_handler.callbacks.insert(0, rec)
     if args.stop_after:
         trainer.add_callback(StopAfter(args.stop_after))
+    if args.fault:
+        install_fault(trainer, args.fault, args.record_dir)
     rank = trainer.accelerator.process_index
     eng = trainer.hdpissa_engine
     record = {"world_size": trainer.accelerator.num_processes, "args_world_size": trainer.args.world_size,
@@ -107,7 +209,7 @@ def main() -> None:
         record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
         record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
         record["scale"] = eng.config.scale
-    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
     # The model object trained is never a DDP wrapper.
     record["wrapped_type"] = type(trainer.model_wrapped).__name__
     if eng is not None:
@@ -118,6 +220,8 @@ def main() -> None:
     record["stepped"] = rec.stepped
     record["log_history"] = trainer.state.log_history
     trainer.save_model()
+    if args.hub_model_id:
+        trainer.push_to_hub()
     os.makedirs(args.record_dir, exist_ok=True)
     torch.save(record, os.path.join(args.record_dir, f"rank{rank}.pt"))
 
