@@ -22,12 +22,15 @@ from .tasks import TaskSpec, build_prompt, code_candidate, code_test_program, ge
 DEFAULT_KS = (1, 10, 100)
 
 
-def load_model(path: str, dtype: str | None = "auto", device: str | None = None):
-    """``AutoModelForCausalLM`` from a directory/hub id, on CUDA when available, in eval mode."""
+def load_model(path: str, dtype: str | None = "auto", device: str | None = None, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM`` from a directory/hub id, on CUDA when available, in eval mode.
+
+    A model that needs custom code is refused unless ``trust_remote_code=True`` (never an interactive prompt).
+    """
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
@@ -111,14 +114,16 @@ def evaluate_model(model_or_path, tokenizer=None, tasks: Sequence[str | TaskSpec
                    num_fewshot: int | None = None, data_files: dict[str, str | list | dict] | None = None,
                    dtype: str | None = "auto", device: str | None = None, backend: str = "auto",
                    code_timeout: float = 10.0, code_workers: int = 2, code_memory_mb: int = 2048, seed: int = 0,
-                   show_progress: bool = True, output_path: str | None = None) -> dict:
+                   show_progress: bool = True, output_path: str | None = None,
+                   trust_remote_code: bool = False) -> dict:
     """Score a model on ``tasks`` and return ``{"model", "config", "results", "samples"}``.
 
     ``results[task] = {"metric", "value", "n", "dataset", "split", "type", "num_fewshot", "metrics"}`` where
     ``metric``/``value`` is the headline number (``accuracy`` or ``pass@1``) and ``metrics`` holds all of them.
     ``tasks`` items: built-in names (``gsm8k``, ``math``, ``humaneval``, ``mmlu``/``mc``), ``"name=path.jsonl"``
     local tasks, or :class:`TaskSpec`. ``num_samples`` > 1 samples code completions for pass@k (math and
-    multiple choice are always greedy / exact). Code tasks need ``HF_ALLOW_CODE_EVAL=1``.
+    multiple choice are always greedy / exact). Code tasks need ``HF_ALLOW_CODE_EVAL=1``. A model or tokenizer that
+    needs custom code is refused unless ``trust_remote_code=True``.
     """
     if backend not in ("auto", "transformers", "vllm"):
         raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {backend!r}")
@@ -134,7 +139,7 @@ def evaluate_model(model_or_path, tokenizer=None, tasks: Sequence[str | TaskSpec
             raise ValueError("Pass a tokenizer along with an in-memory model that has no name_or_path")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if backend == "vllm" and not (is_path and vllm_available()):
         raise RuntimeError("backend='vllm' needs the vllm package, a CUDA device and a model path")
     use_vllm = is_path and backend != "transformers" and vllm_available()
@@ -142,7 +147,7 @@ def evaluate_model(model_or_path, tokenizer=None, tasks: Sequence[str | TaskSpec
 
     def hf_model():
         if state["hf"] is None:
-            state["hf"] = load_model(path, dtype, device)
+            state["hf"] = load_model(path, dtype, device, trust_remote_code)
         return state["hf"]
 
     chat_used = _uses_chat(tokenizer, chat)

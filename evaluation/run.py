@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     report = evaluate_model(
         args.model, tokenizer, _split_tasks(args.tasks), args.limit, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,

@@ -23,11 +23,13 @@ class _HDPiSSALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):  # noqa: D401
-        y = F.linear(x, weight, bias)
-        # x A^T in the adapter dtype (fp32): small (tokens × r), needed for grad_B.
-        xa = x_adapter.to(lora_A.dtype) @ lora_A.t()
+        y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype, like a plain Linear
+        # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xa = x_adapter.to(lora_A.dtype) @ lora_A.t()
         ctx.save_for_backward(x_adapter, xa, weight, lora_A, lora_B)
         ctx.scale = scale
+        ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
@@ -37,7 +39,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             # Base path only: the adapter contributes nothing to dL/dx.
-            grad_x = grad_y @ weight.to(grad_y.dtype)
+            grad_x = (grad_y @ weight.to(grad_y.dtype)).to(ctx.x_dtype)
         d = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype)  # (T, m)
         if ctx.needs_input_grad[4]:
             xin = x_adapter.reshape(-1, x_adapter.shape[-1]).to(lora_A.dtype)  # (T, n)

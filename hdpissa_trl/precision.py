@@ -39,10 +39,11 @@ def check_precision_supported(mode: str, weights: dict[str, torch.Tensor]) -> No
     allowed = SUPPORTED_DTYPES.get(mode, ())
     for name, w in weights.items():
         if w.dtype not in allowed:
+            fitting = [m for m, dtypes in SUPPORTED_DTYPES.items() if w.dtype in dtypes]
             raise ValueError(
                 f"precision={mode!r} cannot update layer {name!r}: its weight is {w.dtype}, the mode supports "
-                f"{[str(d).replace('torch.', '') for d in allowed]}. Use precision='fp32' (fp32 master copy) or "
-                f"'bf16_kahan', or load the model in another dtype."
+                f"{[str(d).replace('torch.', '') for d in allowed]}. Use precision in {fitting} for these weights, "
+                f"or load the model in another dtype."
             )
     if mode in ("bf16_kahan", "bf16_sr") and weights and all(w.dtype == torch.float32 for w in weights.values()):
         warnings.warn(

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import functools
@@ -214,14 +215,8 @@ class HDPiSSATrainerMixin:
 
         The Hub token is blanked while ``training_args.bin`` is written, so it never lands in a file.
         """
-        token = getattr(self.args, "hub_token", None)
-        try:
-            if token is not None:
-                self.args.hub_token = None
+        with self._hub_token_outside_args():
             self._save_merged(output_dir, state_dict)
-        finally:
-            if token is not None:
-                self.args.hub_token = token
 
     def _save_merged(self, output_dir: str | None, state_dict: dict | None) -> None:
         if self.hdpissa_engine is not None and state_dict is None:
@@ -261,6 +256,7 @@ class HDPiSSATrainerMixin:
         self._barrier()
         real_output_dir = self.args.output_dir
         self._in_checkpoint = True
+        self._pending_push = None
         try:
             self.args.output_dir = tmp_parent
             super()._save_checkpoint(model, trial)
@@ -285,7 +281,49 @@ class HDPiSSATrainerMixin:
 
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if self._pending_push is not None:
+                self._push_from_checkpoint(final)
+        self._pending_push = None
         self._barrier()
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push a checkpoint to the Hub once it is complete and in place, with the Hub token in no file.
+
+        transformers calls this from inside ``_save_checkpoint``: here that is while the checkpoint is still in the temp
+        dir, which is renamed and deleted right after (the asynchronous upload would race that), and it pickles the
+        training arguments, token included, into ``training_args.bin`` of the pushed folder. So the push is deferred
+        to the end of :meth:`_save_checkpoint`, and the token rides in the upload client instead of the arguments.
+        """
+        if getattr(self, "_in_checkpoint", False):
+            self._pending_push = checkpoint_folder
+            return
+        with self._hub_token_outside_args():
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    @contextlib.contextmanager
+    def _hub_token_outside_args(self):
+        """While the body runs ``args.hub_token`` is None (pickling the arguments cannot write it) and transformers'
+        Hub client (``transformers.trainer.hf_api``) carries the token. Without that client the token is simply held
+        back (fails closed: the push then needs ``HF_TOKEN`` or a stored login)."""
+        import transformers.trainer as hf_trainer
+
+        token = getattr(self.args, "hub_token", None)
+        factory = getattr(hf_trainer, "hf_api", None)
+        if token is None:
+            yield
+            return
+        if factory is not None and getattr(self, "_hub_api_with_token", None) is None:
+            self._hub_api_with_token = copy.copy(factory())
+            self._hub_api_with_token.token = token
+        self.args.hub_token = None
+        if factory is not None:
+            hf_trainer.hf_api = lambda: self._hub_api_with_token
+        try:
+            yield
+        finally:
+            self.args.hub_token = token
+            if factory is not None:
+                hf_trainer.hf_api = factory
 
     def _save_hdpissa_state(self, ckpt_dir: str) -> None:
         """Every rank writes its optimizer state; rank 0 writes the initial factors and precision state once."""

@@ -23,7 +23,7 @@ import argparse
 import os
 
 
-def evaluate(model_or_dir, tokenizer, script_args, desc: str):
+def evaluate(model_or_dir, tokenizer, script_args, desc: str, trust_remote_code: bool = False):
     """Score ``model_or_dir`` on the configured tasks (main process only); None when no tasks are set."""
     if not script_args.eval_tasks:
         return None
@@ -32,7 +32,8 @@ def evaluate(model_or_dir, tokenizer, script_args, desc: str):
     print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit})")
     return evaluate_model(model_or_dir, tokenizer, tasks=script_args.eval_tasks, limit=script_args.eval_limit,
                           batch_size=script_args.eval_batch_size, max_new_tokens=script_args.eval_max_new_tokens,
-                          chat=script_args.eval_chat, dtype="float32" if desc == "base" else "auto")
+                          chat=script_args.eval_chat, dtype="float32" if desc == "base" else "auto",
+                          trust_remote_code=trust_remote_code)
 
 
 def main(script_args, training_args, model_args, dataset_args):
@@ -62,8 +63,8 @@ def main(script_args, training_args, model_args, dataset_args):
     is_main = training_args.process_index == 0
     before = None
     if is_main and script_args.eval_tasks and script_args.eval_before:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        before = evaluate(model_path, tokenizer, script_args, "base")
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
+        before = evaluate(model_path, tokenizer, script_args, "base", training_args.trust_remote_code)
 
     trainer = HDPiSSASFTTrainer(
         model=model_path,
@@ -88,7 +89,7 @@ def main(script_args, training_args, model_args, dataset_args):
     trainer.save_model(out)
     trainer.save_state()
     if is_main and script_args.eval_tasks:
-        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned")
+        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", training_args.trust_remote_code)
         after["before"] = before
         write_json_atomic(after, os.path.join(out, "eval_results.json"))
         trainer.hdpissa_eval_report, trainer.hdpissa_eval_before = after, before

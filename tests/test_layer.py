@@ -76,3 +76,33 @@ def test_no_grad_path_is_base_and_dropout_only_on_adapter():
 def test_rejects_non_linear():
     with pytest.raises(TypeError, match="wraps nn.Linear"):
         HDPiSSALinear(nn.Conv1d(2, 2, 1), r=1, rank=0, world_size=1, scale=1.0)
+
+
+def test_bf16_autocast_backward_matches_fp32():
+    """Mixed precision (SFTConfig's default bf16=True): the base matmul runs in bf16, adapter grads stay fp32."""
+    layer = make_layer(scale=1.0, bias=False)
+    x = torch.randn(4, 10)
+    g = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(g)
+    gA, gB = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    assert gA.dtype == torch.float32 and gB.dtype == torch.float32
+    layer.lora_A.grad = layer.lora_B.grad = None
+    layer(x).backward(g)
+    torch.testing.assert_close(gA, layer.lora_A.grad, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gB, layer.lora_B.grad, rtol=0.05, atol=0.05)
+
+
+def test_bf16_autocast_through_a_model():
+    from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
+    from hdpissa_trl.testing_utils import build_tiny_model
+
+    m = build_tiny_model("llama", num_layers=1)
+    engine = inject_hdpissa(m, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
+    ids = torch.randint(0, 500, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.adapter_parameters())

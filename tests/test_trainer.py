@@ -196,3 +196,20 @@ def test_packing_eval_dataset_and_completion_only(tiny_model_dir, tmp_path):
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) == 2 and all(h["eval_loss"] > 0 for h in evals)
     assert trainer.hdpissa_engine.step == 4
+
+
+def test_bf16_mixed_precision_trains(tiny_model_dir, tmp_path):
+    """SFTConfig's default bf16=True (autocast) works with the HD-PiSSA layer, here on CPU."""
+    from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+
+    cfg = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, max_steps=3, learning_rate=1e-2,
+                    per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to=[], max_length=32)
+    trainer = HDPiSSASFTTrainer(model=tiny_model_dir, args=cfg, train_dataset=make_dataset(16),
+                                hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4))
+    w0 = trainer.hdpissa_engine.layers[0].base_layer.weight.detach().clone()
+    trainer.train()
+    assert trainer.hdpissa_engine.step == 3
+    assert not torch.equal(w0, trainer.hdpissa_engine.layers[0].base_layer.weight)
