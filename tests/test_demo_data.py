@@ -260,8 +260,11 @@ def test_recipe_yamls_use_known_keys_and_existing_files() -> None:
     from trl import DatasetMixtureConfig, ModelConfig, SFTConfig
     from trl.scripts.utils import DatasetConfig
 
+    from hdpissa_trl.recipe import HDPiSSAScriptArguments
+
     known = SCRIPT_KEYS | {
-        f.name for c in (SFTConfig, ModelConfig, DatasetMixtureConfig) for f in dataclasses.fields(c)
+        f.name for c in (SFTConfig, ModelConfig, DatasetMixtureConfig, HDPiSSAScriptArguments)
+        for f in dataclasses.fields(c)
     }
     dataset_keys = {f.name for f in dataclasses.fields(DatasetConfig)}
     paths = _recipe_yamls()
