@@ -1,0 +1,1 @@
+"""Benchmark scripts (run them as ``python bench/<name>.py``; see BENCHMARKS.md)."""

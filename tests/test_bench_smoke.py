@@ -1,0 +1,176 @@
+"""Smoke tests of the benchmark scripts (bench/): each core function in a tiny mode, asserting values, never times.
+
+They keep the scripts working; the numbers in BENCHMARKS.md come from the full runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import communication, init_svd, precision, quality, step_speed  # noqa: E402
+from bench._common import build_llama, linear_weights, setup_method  # noqa: E402
+from bench._tasks import TeacherStudentTask, prepare_multitask_base  # noqa: E402
+
+
+def test_step_speed_measures_every_method_in_one_process():
+    res = step_speed.measure_methods(list(step_speed.ALL_METHODS), preset="tiny", r=2, alpha=2.0, batch=1, seq=8,
+                                     accum=2, rounds=1, steps=1)
+    assert set(res["records"]) == set(step_speed.ALL_METHODS)
+    for recs in res["records"].values():
+        assert len(recs) == 1
+        assert set(step_speed.TIME_KEYS) <= set(recs[0])
+        assert recs[0]["step"] >= recs[0]["fwd_bwd"] > 0
+        assert torch.isfinite(torch.tensor(recs[0]["loss"]))
+    mem = res["memory"]
+    # Trainable state: full FT holds grads + 2 Adam moments of every parameter; adapters far less.
+    assert mem["full"]["optimizer_state"] > 10 * mem["lora"]["optimizer_state"]
+    # The official-style forward keeps the dense W + 1e-16·BA of every layer for the backward.
+    assert mem["official"]["saved_activations"] > mem["hdpissa"]["saved_activations"]
+    s = step_speed.summarize(res["records"], accum=2, paper_accum=64)
+    assert {"hdpissa_over_lora_step", "official_over_hdpissa_step", "hdpissa_fold_fraction_at_paper_accum"} <= set(
+        s["ratios"])
+    assert 0 < s["ratios"]["hdpissa_fold_fraction_at_paper_accum"] < s["ratios"]["hdpissa_fold_fraction_measured"]
+
+
+def test_official_style_step_equals_hdpissa_step():
+    """The comparison is apples to apples: same gradients (after the 1e16 rescale) and the same folded W."""
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for name in ("hdpissa", "official"):
+        setup = setup_method(name, build_llama("tiny", seed=0), r=2, alpha=4.0)
+        opt = torch.optim.SGD(setup.params, lr=0.5)
+        setup.model(input_ids=ids, labels=ids).loss.backward()
+        if setup.after_backward is not None:
+            setup.after_backward()
+        opt.step()
+        setup.after_step()
+        weights[name] = linear_weights(setup)
+    assert weights["hdpissa"].keys() == weights["official"].keys()
+    w0 = linear_weights(setup_method("full", build_llama("tiny", seed=0), r=2, alpha=4.0))
+    for key, w in weights["hdpissa"].items():
+        delta_h, delta_o = w - w0[key], weights["official"][key] - w0[key]
+        assert delta_h.abs().max() > 0
+        torch.testing.assert_close(delta_o, delta_h, rtol=1e-3, atol=1e-6)
+
+
+def test_communication_formula():
+    shapes = [(64, 32), (32, 64)]
+    f = communication.formula(shapes, r=4, K=8)
+    P = 4 * 4 * (96 + 96)
+    assert f["per_device_delta_bytes"] == P
+    assert f["hdpissa"] == {"collectives": 1, "bytes_contributed": P, "bytes_received": 7 * P}
+    assert f["official"] == {"collectives": 8, "bytes_contributed": 2 * P, "bytes_received": 14 * P}
+    assert len(communication.LLAMA31_8B_SHAPES) == 224
+
+
+@pytest.mark.slow
+def test_communication_formula_matches_real_gloo_processes():
+    measured = communication.run_measured(2, "tiny", r=2, steps=1, timeout=240)
+    checks = communication.check_formula(measured, r=2)
+    assert all(eq for (_, _, eq) in checks.values()), checks
+    assert measured["hdpissa"]["calls"] == {"all_gather_single": 1} or measured["hdpissa"]["calls"] == {
+        "all_gather_into_tensor": 1}
+    assert measured["official"]["collectives"] == 4 * 14  # tiny preset: 2 blocks × 7 linears
+    assert measured["official"]["bytes_received"] == 2 * measured["hdpissa"]["bytes_received"]
+
+
+def test_init_svd_agreement():
+    res = init_svd.run(sizes=(96,), ks=(8,), alphas=(1.0,), reps=1, r=4)
+    rows = {row["method"]: row for row in res["rows"]}
+    assert set(rows) == set(init_svd.METHODS)
+    assert rows["exact"]["mean_cos2_right"] > 0.9999
+    assert rows["exact"]["rel_frob_error_vs_optimal"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["rand n_iter=4"]["mean_cos2_right"] > 0.9
+    for row in rows.values():
+        assert 0.0 <= row["min_cos2_right"] <= row["mean_cos2_right"] <= 1.0 + 1e-6
+        assert row["rel_frob_error_vs_optimal"] >= 1.0 - 1e-4
+
+
+def test_precision_memory_and_tracking(tmp_path):
+    base = prepare_multitask_base(str(tmp_path / "base"), dict(quality.QUICK_MODEL, vocab_size=512),
+                                  pretrain_steps=2)
+    res = precision.run(base, lrs=(1e-3,), steps=3, r=2, eval_every=3)
+    per_entry = {label: m["bytes_per_entry"] for label, m in res["memory"].items()}
+    assert per_entry == {"fp32 weights (reference)": 4.0, "bf16 + fp32 master": 6.0, "bf16 + Kahan": 4.0,
+                         "bf16 + stochastic rounding": 2.0, "plain bf16": 2.0}
+    runs = res["runs"]["0.001"]
+    assert runs[precision.REF]["deltaW_rel_error_vs_ref"] == 0.0
+    for v in runs.values():
+        assert v["deltaW_norm_ratio_vs_ref"] > 0 and torch.isfinite(torch.tensor(v["final_eval_loss"]))
+    assert precision.adapted_numel(dict(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                                        num_kv_heads=1)) == 2 * (2 * 64 + 2 * 32 + 3 * 128)
+
+
+def test_quality_train_run_ranks():
+    task = TeacherStudentTask(quality.QUICK_MODEL, seed=0, batch=2, seq=8, eval_sequences=4)
+    r, out = 2, {}
+    for method in quality.METHODS:
+        out[method] = quality.train_run(task, method, r=r, alpha=2.0, lr=1e-2, steps=3, eval_every=3, seed=0,
+                                        keep_spectra=True)
+    for rec in out.values():
+        assert rec["curve"][0][0] == 0 and rec["curve"][-1][0] == 3
+        assert rec["final"]["eval_loss"] > 0
+        for lay in rec["layers"].values():
+            assert len(lay["singular_values"]) == min(lay["shape"])
+    assert max(lay["numerical_rank"] for lay in out["lora"]["layers"].values()) <= r
+    assert max(lay["numerical_rank"] for lay in out["pissa"]["layers"].values()) <= 2 * r
+    assert min(lay["numerical_rank"] for lay in out["full"]["layers"].values()) > 2 * r
+    s = quality.summarize([dict(rec, task="teacher_student", K=1) for rec in out.values()])
+    assert [row["method"] for row in s] == list(quality.METHODS)
+
+
+@pytest.fixture
+def single_process_group_env(monkeypatch):
+    """Environment torchrun would give a one-process job, so the scripts' worker functions run in this process;
+    restores the global torch settings the workers change."""
+    from bench._common import free_port
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def test_worker_paths_reports_and_figures(tmp_path, single_process_group_env):
+    """The torchrun worker functions (in a one-process gloo group), then the launchers' report and plot code."""
+    import argparse
+    import json
+
+    from bench._common import env_info
+
+    info = env_info(nproc=1, backend="gloo")
+    # quality: worker -> records -> summary, tables, both figures
+    cfg = {"model": quality.QUICK_MODEL, "tasks": ["teacher_student"], "methods": ["hdpissa", "lora"], "seeds": [0],
+           "steps": 2, "eval_every": 1, "r": 2, "alpha": 2.0, "batch": 2, "seq": 8, "lr": quality.lr_table([]),
+           "out": str(tmp_path / "q.json")}
+    quality.worker(cfg)
+    records = json.loads((tmp_path / "q.json").read_text())
+    assert [(r["K"], r["method"], len(r["curve"])) for r in records] == [(1, "hdpissa", 3), (1, "lora", 3)]
+    quality.report(quality.summarize(records), info, cfg)
+    quality.plot_curves(records, info, cfg, str(tmp_path))
+    quality.plot_spectra(records, info, cfg, str(tmp_path))
+    assert (tmp_path / "quality_loss_curves.png").stat().st_size > 0
+    assert (tmp_path / "quality_update_spectrum.png").stat().st_size > 0
+    # step_speed: worker (timing run) -> summary, table, figure
+    args = step_speed.build_parser().parse_args(["--preset", "tiny", "--r", "2", "--batch", "1", "--seq", "8",
+                                                 "--rounds", "1", "--steps", "1", "--methods", "hdpissa,lora,official"])
+    wargs = argparse.Namespace(**vars(args), memory_only=None, out=str(tmp_path / "s.json"))
+    step_speed.worker(wargs)
+    raw = json.loads((tmp_path / "s.json").read_text())
+    run = {"env": info, "records": raw["records"], "memory": raw["memory"],
+           "summary": step_speed.summarize(raw["records"], 1, 64)}
+    assert raw["hdpissa_update_rank_bound"] == 2 * 1 * 2
+    step_speed.report({"runs": {"1": run}}, args)
+    step_speed.plot({"runs": {"1": run}}, args, str(tmp_path))
+    assert (tmp_path / "step_speed.png").stat().st_size > 0
