@@ -8,7 +8,7 @@ NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install install-smollm demo demo-smollm test test-fast lint bench
+.PHONY: install install-smollm demo demo-smollm test test-fast lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

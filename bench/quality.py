@@ -9,13 +9,14 @@ method sees the same K·batch examples per step. Two tasks (see ``bench/_tasks.p
 (b) multi-task mix: the demo data's math + code + text completions, on a tiny Llama pretrained on the prompts
     (eval = completion loss averaged over the three held-out sets, and teacher-forced token accuracy).
 
-Several seeds (model, teacher change, data order, LoRA init), mean ± standard deviation. Also the singular values of
+Several seeds (model, teacher change, data order, LoRA init), mean ± standard deviation. Each method runs at its own
+learning rate for the task and K (``DEFAULT_LR``, picked by ``--sweep``). Also the singular values of
 the accumulated update ΔW = W_final − W_init per method (numerical rank and entropy effective rank computed with
 ``hdpissa_trl.analysis.update_spectrum``), and PNG plots of loss curves and spectra.
 
-    python bench/quality.py                          # K = 1, 2, 4; 3 seeds; ~10 min on 2 CPU cores
+    python bench/quality.py                          # K = 1, 2, 4; 3 seeds; ~7-10 min on 2 CPU cores
     python bench/quality.py --nproc 1 2 --seeds 0 --steps 40      # quick look
-    python bench/quality.py --sweep                  # the learning-rate probe behind the default --lr values
+    python bench/quality.py --sweep                  # the learning-rate probe behind DEFAULT_LR (K = 1, 2, 4)
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_it
         devices = [w.device] if w.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            q = min(k + 8, min(w.shape))
+            # Oversample to 2k: with only k+8 the last device slices of a large K·r lose accuracy (BENCHMARKS.md §3).
+            q = min(max(2 * k, k + 8), min(w.shape))
             U, S, V = torch.svd_lowrank(w, q=q, niter=n_iter)
         U, S, Vh = U[:, :k], S[:k], V[:, :k].t()
     else:

@@ -124,9 +124,13 @@ def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, update
     A_all = layer.A0_all + dA_all
     left = torch.cat([dB_all, layer.B0_all], dim=1)  # (m, 2Kr)
     right = torch.cat([A_all, dA_all], dim=0)  # (2Kr, n)
-    delta = torch.mm(left, right)
-    delta.mul_(layer.scale)
-    updater.apply(layer.base_layer.weight, delta, step)
+    weight = layer.base_layer.weight
+    if updater.master is None and weight.dtype == torch.float32:
+        weight.addmm_(left, right, alpha=layer.scale)  # fp32 W: fold in place, no m×n temporary
+    else:
+        delta = torch.mm(left, right)
+        delta.mul_(layer.scale)
+        updater.apply(weight, delta, step)
     layer.reset_adapter()
     return offset + na + nb
 
