@@ -9,7 +9,7 @@ K worker processes and the launcher); per method it computes the spectrum of W_f
 ``hdpissa_trl.analysis.update_spectrum``. Writes ``bench/results/real_model/{results.json,table.md,*.png}`` and
 ``bench/figures/real_model_*.png``.
 
-    nice -n 5 python bench/real_model.py --seeds 0 --max_steps 20 --lora_r 2 --work_dir /tmp/real_model_runs
+    nice -n 5 python bench/real_model.py --seeds 0 --max_steps 20 --lora_r 2 --work_dir WORK_DIR
 
 Runs already finished in ``--work_dir`` (their ``eval_results.json`` exists) are reused, so a long comparison can be
 done in pieces (``--configs hdpissa2 pissa2``) and then summarised with one last call.
