@@ -350,8 +350,8 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """``flock`` on ``lock_path``; logs once when another process holds it (it is converting, we wait for it)."""
+def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """``flock`` on ``lock_path``; logs once when another process holds it (it is preparing ``what``: we wait)."""
     if fcntl is None:  # pragma: no cover - non-POSIX
         yield
         return
@@ -359,7 +359,7 @@ def _exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("Another process is converting %s; waiting for it", what)
+            logger.info("Another process is preparing %s; waiting for it", what)
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -384,7 +384,7 @@ def cached_checkpoint(model_name_or_path: str | os.PathLike, gguf_file: str | No
     if is_complete_checkpoint(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f"{key}.lock", src.name):
+    with exclusive_lock(root / f"{key}.lock", src.name):
         if is_complete_checkpoint(final):  # another process finished while we waited
             return final
         # Only a lock holder creates these, so leftovers are from a crashed conversion.

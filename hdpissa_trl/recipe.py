@@ -7,7 +7,6 @@ building the HD-PiSSA config from TRL's ``ModelConfig`` LoRA fields, and writing
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import os
@@ -105,14 +104,6 @@ def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, se
     )
 
 
-def _locked(path: Path):
-    """An exclusive ``flock`` on ``path`` (a sibling lock file): one process builds, the others wait and reuse."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "w")
-    fcntl.flock(fh, fcntl.LOCK_EX)
-    return fh
-
-
 # The demo's model: small enough for a 2-core CPU, large enough to learn the demo tasks through a frozen output head.
 DEMO_MODEL_KWARGS = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                          initializer_range=0.2)
@@ -124,10 +115,11 @@ def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwa
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)
+    from .gguf import exclusive_lock
     from .testing_utils import save_tiny_model
 
-    lock = _locked(path.parent / f".{path.name}.lock")
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path.parent / f".{path.name}.lock", str(path)):  # one process builds, the others reuse
         if not (path / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
             save_tiny_model(tmp, arch=arch, **config_kwargs)
@@ -138,9 +130,6 @@ def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwa
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
     return str(path)
 
 

@@ -380,6 +380,8 @@ def load_hdpissa_checkpoint(engine: HDPiSSAEngine, ckpt_dir: str) -> None:
 
     with safe_open(state_path, "pt") as f:
         meta = f.metadata()
+    # First the engine state: it refuses another K, r, precision or layer set before W is touched (and restores
+    # the fp32 master; the W saved in the model dtype is exactly that master's cast, so W below agrees with it).
     engine.load_state_dict({"tensors": tensors[state_path], "metadata": meta})
     weights = tensors[weights_path]
     with torch.no_grad():
@@ -396,10 +398,6 @@ def load_hdpissa_checkpoint(engine: HDPiSSAEngine, ckpt_dir: str) -> None:
                 raise ValueError(f"Cannot resume: {plain!r} has shape {tuple(src.shape)} in the checkpoint but "
                                  f"{tuple(param.shape)} in this model (another model?).")
             param.data.copy_(src.to(param.dtype))
-        for layer, upd in zip(engine.layers, engine.updaters):
-            master = upd.state().get("master")
-            if master is not None:
-                layer.base_layer.weight.data.copy_(master)
     engine.check_consistency(engine.step, on_mismatch="raise")
 
 
