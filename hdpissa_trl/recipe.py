@@ -86,8 +86,11 @@ class HDPiSSAScriptArguments(ScriptArguments):
                 self.column_mapping = json.loads(self.column_mapping)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"column_mapping must be a mapping (JSON on the command line): {exc}") from exc
-        if self.eval_tasks is not None and isinstance(self.eval_tasks, str):
-            self.eval_tasks = [t for t in self.eval_tasks.split(",") if t]
+        if self.eval_tasks is not None:
+            # A comma-separated string (YAML/env) or a list; empty entries dropped, so `--eval_tasks ""` on the
+            # command line switches off the evaluation a YAML file configured.
+            items = self.eval_tasks.split(",") if isinstance(self.eval_tasks, str) else self.eval_tasks
+            self.eval_tasks = [t.strip() for t in items if t and t.strip()]
 
 
 def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, seed: int = 0) -> HDPiSSAConfig:

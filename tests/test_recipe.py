@@ -104,6 +104,10 @@ def test_yaml_cli_precedence_and_unknown_keys(tmp_path):
     assert model_args.lora_r == 7 and script_args.method == "pissa"
     assert training_args.max_steps == raw["max_steps"]  # YAML beats defaults
     assert len(data_args.datasets) == 3
+    assert script_args.eval_tasks == raw["eval_tasks"] and len(raw["eval_tasks"]) == 3
+    # An empty value on the command line switches off the YAML's evaluation; blanks in a list are dropped.
+    assert parser.parse_args_and_config(["--config", cfg, "--eval_tasks", ""])[0].eval_tasks == []
+    assert parser.parse_args_and_config(["--config", cfg, "--eval_tasks", "math", " "])[0].eval_tasks == ["math"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(cfg).read() + "\nlearning_rat: 0.1\n")
     with pytest.raises(ValueError, match="learning_rat"):
