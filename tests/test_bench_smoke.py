@@ -174,3 +174,48 @@ def test_worker_paths_reports_and_figures(tmp_path, single_process_group_env):
     step_speed.report({"runs": {"1": run}}, args)
     step_speed.plot({"runs": {"1": run}}, args, str(tmp_path))
     assert (tmp_path / "step_speed.png").stat().st_size > 0
+
+
+def test_real_model_heldout_loss_and_paired_table(tmp_path):
+    """The real-model driver's held-out loss = token-weighted CE of the completion tokens, computed another way."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench import real_model
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    model_dir = tmp_path / "m"
+    save_tiny_model(model_dir, seed=3)
+    rows = [{"prompt": "add 2 and 3", "completion": "5"}, {"prompt": "name a colour", "completion": "blue sky"},
+            {"prompt": "count", "completion": "one two three"}]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = real_model.heldout_loss(str(model_dir), [f"t={data}"], limit=2, cache=str(tmp_path / "c.json"))
+
+    # Reference: per row, the model's own mean loss over the completion labels, weighted by their token count.
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    for r in rows[:2]:
+        user = [{"role": "user", "content": r["prompt"]}]
+        p_ids = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+        ids = tok(tok.apply_chat_template(user + [{"role": "assistant", "content": r["completion"]}], tokenize=False),
+                  add_special_tokens=False)["input_ids"]
+        labels = torch.tensor([[-100] * len(p_ids) + ids[len(p_ids):]])
+        n = int((labels[0, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(torch.tensor([ids]), labels=labels).loss.item() * n
+        count += n
+    assert count > 2 and got["t"] == pytest.approx(total / count, rel=1e-5)
+    # Cached by (tasks, limit): a different limit recomputes.
+    assert real_model.heldout_loss(str(model_dir), [f"t={data}"], limit=2, cache=str(tmp_path / "c.json")) == got
+    assert real_model.heldout_loss(str(model_dir), [f"t={data}"], limit=3, cache=str(tmp_path / "c.json")) != got
+
+    recs = [{"label": lab, "seed": s, "losses": [(1, 9.0), (2, base + d)], "heldout": {"t": base + 2 * d}}
+            for lab, d in (("pissa2", 0.0), ("hdpissa2", -0.1), ("lora2", 0.3)) for s, base in ((0, 1.0), (1, 2.0))]
+    recs[2]["heldout"]["t"] = 1.0 + 0.05  # hdpissa2 seed 0: above PiSSA on held-out loss
+    md = real_model.paired_table(recs, "pissa2", ["t"])
+    hd = next(line for line in md.splitlines() if line.startswith("| HD-PiSSA K=2"))
+    assert "-0.100 ± 0.000 (lower in 2/2)" in hd and "-0.075 ± 0.177 (lower in 1/2)" in hd
+    assert "+0.300 ± 0.000 (lower in 0/2)" in md and "PiSSA (DDP" not in md.split("\n", 2)[2]
