@@ -33,3 +33,9 @@ __all__ = [
 from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint  # noqa: E402
 
 __all__ += ["HDPiSSASFTTrainer", "HDPiSSATrainerMixin", "build_peft_config", "load_hdpissa_checkpoint"]
+
+from .dpo import HDPiSSADPOTrainer  # noqa: E402
+from .grpo import HDPiSSAGRPOTrainer  # noqa: E402
+from .plain_trainer import HDPiSSATrainer  # noqa: E402
+
+__all__ += ["HDPiSSADPOTrainer", "HDPiSSAGRPOTrainer", "HDPiSSATrainer"]
