@@ -1,0 +1,34 @@
+"""The GRPO recipes' reward functions and the name resolution of ``reward_funcs``."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdpissa_trl.rewards import answer_reward, digit_reward, format_reward, get_reward_funcs
+
+
+def test_answer_reward_reads_the_final_number_in_both_data_formats():
+    completions = ["12 + 30 = 42. The answer is 42.", "The answer is 41.", "it is 40 or maybe 42", "no idea",
+                   [{"role": "assistant", "content": "7 * 6 = 42.\nThe answer is 42."}]]
+    assert answer_reward(completions, answer=["42"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # "The answer is N." wins over a later stray number only when it ends the text; otherwise the last number counts.
+    assert answer_reward(["The answer is 42. Then 7."], answer=["7"]) == [1.0]
+    assert answer_reward(["x = -3. The answer is -3."], answer=["-3"]) == [1.0]
+
+
+def test_format_and_digit_rewards():
+    assert format_reward(["1 + 1 = 2. The answer is 2.", "The answer is two.", "2"]) == [1.0, 0.0, 0.0]
+    assert digit_reward(["1234", "ab12", " ", [{"role": "assistant", "content": "9 9"}]]) == [1.0, 0.5, 0.0, 1.0]
+
+
+def test_reward_names_resolve_to_ours_trls_and_import_paths():
+    import trl.rewards
+
+    funcs = get_reward_funcs(["answer_reward", "think_format_reward", "hdpissa_trl.rewards.digit_reward"])
+    assert funcs == [answer_reward, trl.rewards.think_format_reward, digit_reward]
+    with pytest.raises(ValueError, match="Unknown reward function 'nope'.*answer_reward"):
+        get_reward_funcs(["nope"])
+    with pytest.raises(ValueError, match="Cannot import reward function 'no_such_pkg.f'"):
+        get_reward_funcs(["no_such_pkg.f"])
+    with pytest.raises(ValueError, match="No reward function"):
+        get_reward_funcs([])
