@@ -14,7 +14,7 @@ import os
 
 import torch
 from datasets import Dataset
-from trainer_worker import Recorder, StopAfter, make_dataset
+from workers.trainer_worker import Recorder, StopAfter, make_dataset
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSADPOTrainer, HDPiSSAGRPOTrainer, HDPiSSATrainer
 from hdpissa_trl.rewards import digit_reward
