@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: where a run happened, model presets, method set-up, launching, output.
 
-Nothing here is timed. Every script imports this module, whether it runs as ``python bench/X.py``, under torchrun,
+Nothing here is timed. Every script imports this module, whether it runs as ``python -m bench.X``, under torchrun,
 or as ``bench.X`` from the smoke test.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +17,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from hdpissa_trl.launch import REPO_ROOT
+
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 
@@ -316,42 +315,6 @@ def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:
     for name in block_linear_names(setup.inner):
         out[name] = setup.inner.get_submodule(name).weight.detach().float().clone()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------- launching
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(threads: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1")
-    return env
-
-
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 600, threads: int = 1,
-             echo: bool = False) -> subprocess.CompletedProcess:
-    """Run ``script`` under ``torch.distributed.run`` with ``nproc`` local CPU processes (gloo); raise on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, *args]
-    proc = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout)
-    if echo and proc.stdout:
-        print(proc.stdout, end="", flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun of {os.path.basename(script)} with {nproc} processes failed "
-                           f"({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def init_worker() -> tuple[int, int]:
-    """Initialise gloo from torchrun's environment; returns ``(rank, world)``."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def rss_bytes() -> int:

@@ -11,14 +11,15 @@ import logging
 import re
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import HDPiSSAConfig
+from .consistency import check_weights_consistent, weight_checksums
+from .distributed import world_and_rank
+from .fold import FoldStats, fold_deltas, update_rank_bound
 from .init import distributed_init_factors
 from .layer import HDPiSSALinear
 from .precision import WeightUpdater, check_precision_supported
-from .sync import FoldStats, check_weights_consistent, fold_deltas, weight_checksums
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
 logger = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ class HDPiSSAEngine:
 
     def __init__(self, model: nn.Module, config: HDPiSSAConfig, rank: int | None = None,
                  world_size: int | None = None, group=None, show_progress: bool = True):
-        initialized = dist.is_available() and dist.is_initialized()
-        self.world_size = world_size if world_size is not None else (dist.get_world_size(group) if initialized else 1)
-        self.rank = rank if rank is not None else (dist.get_rank(group) if initialized else 0)
+        dist_world, dist_rank = world_and_rank(group)
+        self.world_size = world_size if world_size is not None else dist_world
+        self.rank = rank if rank is not None else dist_rank
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}.")
         self.model = model
@@ -168,7 +169,7 @@ class HDPiSSAEngine:
 
     def update_rank_bound(self) -> int:
         """The rank one step's update can reach on the smallest layer: ``min(2·K·r, m, n)``."""
-        return min(min(2 * self.world_size * lyr.r, lyr.in_features, lyr.out_features) for lyr in self.layers)
+        return update_rank_bound(self.layers, self.world_size)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
