@@ -22,6 +22,9 @@ from .layer import HDPiSSALinear
 from .precision import WeightUpdater, check_precision_supported
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
+# Checkpoint marker of the factor convention: A0 = sqrt(S/s)·Vh (PEFT's PiSSA). Checkpoints without it used
+# A0 = sqrt(S)·Vh, whose steps grow like s = lora_alpha / r instead of sqrt(s).
+FACTOR_CONVENTION = "peft-pissa"
 logger = logging.getLogger(__name__)
 
 
@@ -121,7 +124,7 @@ class HDPiSSAEngine:
 
         factors = distributed_init_factors(
             [mod.weight for _, mod in targets], K * r, config.init_method, config.n_iter, config.seed,
-            shard=config.shard_init, show_progress=show_progress,
+            shard=config.shard_init, show_progress=show_progress, scale=config.scale,
         )
         self.names: list[str] = []
         self.layers: list[HDPiSSALinear] = []
@@ -185,13 +188,17 @@ class HDPiSSAEngine:
                 tensors[f"{name}.precision.{key}"] = t.detach().cpu()
         meta = {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha)}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION}
         return {"tensors": tensors, "metadata": meta}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; refuses a checkpoint from another K, r, precision or layer set."""
         meta, tensors = state["metadata"], state["tensors"]
+        _check_factor_convention(meta)
+        if float(meta.get("lora_alpha", self.config.lora_alpha)) != float(self.config.lora_alpha):
+            raise ValueError(f"Cannot resume: the checkpoint was made with lora_alpha={meta['lora_alpha']}, now "
+                             f"lora_alpha={self.config.lora_alpha}; its factors A0, B0 depend on lora_alpha / r.")
         expected = {"world_size": str(self.world_size), "r": str(self.config.r),
                     "precision": self.config.precision, "layers": ",".join(self.names)}
         for key, want in expected.items():
@@ -254,6 +261,24 @@ class HDPiSSAEngine:
             self.model.to(dtype)
         self.layers, self.names, self.updaters = [], [], []
         return self.model
+
+
+def _check_factor_convention(meta: dict) -> None:
+    """Refuse a checkpoint whose factors follow the pre-PEFT convention (``A0 = sqrt(S)·Vh``) unless ``s = 1``, where
+    both conventions give the same factors."""
+    if meta.get("factor_convention") == FACTOR_CONVENTION:
+        return
+    s = float(meta.get("lora_alpha", "nan")) / float(meta.get("r", "nan"))
+    if meta.get("factor_convention") is None and s == 1.0:
+        return
+    raise ValueError(
+        f"Cannot resume: this checkpoint's HD-PiSSA factors follow another lora_alpha convention "
+        f"(factor_convention={meta.get('factor_convention')!r}, lora_alpha / r = {s:g}). hdpissa_trl now follows "
+        f"PEFT's PiSSA (A0 = sqrt(S/s)·Vh, per-step change of W grows like sqrt(lora_alpha / r)); resuming it now would "
+        f"silently change the run's effective learning rate. Resume it with the hdpissa_trl version that wrote it, or "
+        f"start a new run from it as a plain model (model_name_or_path = the checkpoint directory: its "
+        f"model.safetensors holds the trained W). Checkpoints made with lora_alpha = r are not affected."
+    )
 
 
 def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = None, world_size: int | None = None,

@@ -29,8 +29,8 @@ def reference_run(K: int, r: int, alpha: float, steps: int, optim: str, lr: floa
         U, S, Vh = torch.linalg.svd(W[n].detach(), full_matrices=False)
         for k in range(K):
             idx = slice(k * r, (k + 1) * r)
-            A0[n, k] = S[idx].sqrt()[:, None] * Vh[idx]
-            B0[n, k] = U[:, idx] * S[idx].sqrt()[None, :]
+            A0[n, k] = (S[idx] / s).sqrt()[:, None] * Vh[idx]  # PEFT's PiSSA: s·B0A0 = the slice of W
+            B0[n, k] = U[:, idx] * (S[idx] / s).sqrt()[None, :]
     for k in range(K):
         params = []
         for n in names:
