@@ -62,7 +62,7 @@ def load_rows(dataset: str, config: str | None = None, split: str = "test",
         return [dict(row) for row in ds]
     try:
         ds = load_dataset(dataset, config, split=split)
-    except Exception as err:  # noqa: BLE001 -- any failure gets the same actionable advice
+    except Exception as err:  # any failure gets the same actionable advice
         from huggingface_hub import constants
 
         offline = constants.HF_HUB_OFFLINE  # the Hub client's own reading of HF_HUB_OFFLINE

@@ -85,7 +85,7 @@ def test_k_times_r_too_large_names_layer_and_largest_r(tok):
     assert not any("lora_A" in n for n, _ in m.named_parameters())
 
 
-def _one_step_update(model, engine, K_sim_grads):
+def _one_step_update(model, engine):
     W0 = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(engine.names, engine.layers)}
     ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -98,14 +98,14 @@ def test_one_step_update_rank_2r_single_device(tok):
     """K=1 (PiSSA / DP-LoRA with averaged grads): one step moves W in at most 2r directions."""
     model = build_tiny_model("llama", tokenizer=tok)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=3), 0, 1, show_progress=False)
-    dW = _one_step_update(model, engine, None)["model.layers.0.mlp.up_proj"]
+    dW = _one_step_update(model, engine)["model.layers.0.mlp.up_proj"]
     assert torch.linalg.matrix_rank(dW.double(), rtol=1e-6).item() == 6
 
 
 def test_merged_model_loads_without_hdpissa(tok, tmp_path):
     model = build_tiny_model("llama", tokenizer=tok)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
-    _one_step_update(model, engine, None)
+    _one_step_update(model, engine)
     ids = torch.randint(0, len(tok), (1, 7))
     with torch.no_grad():
         expect = model(ids).logits
@@ -135,7 +135,7 @@ def test_merged_model_loads_without_hdpissa(tok, tmp_path):
 def test_engine_state_roundtrip_and_resume_errors(tok):
     model = build_tiny_model("llama", tokenizer=tok, num_layers=1)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
-    _one_step_update(model, engine, None)
+    _one_step_update(model, engine)
     state = engine.state_dict()
     other = build_tiny_model("llama", tokenizer=tok, num_layers=1)
     e2 = inject_hdpissa(other, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
