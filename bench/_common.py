@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from hdpissa_trl.distributed import world_and_rank
 from hdpissa_trl.launch import REPO_ROOT
 
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")
@@ -236,17 +237,13 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     """
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
+    cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
+                        n_iter=n_iter, precision=precision, sync_check_steps=0)
     if name == "hdpissa":
-        cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
-                            n_iter=n_iter, precision=precision, sync_check_steps=0)
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
 
-        def fold():
-            st = engine.fold()
-            return {"seconds": st.seconds, "gather_seconds": st.gather_seconds, "bytes_sent": st.bytes_sent,
-                    "num_collectives": st.num_collectives}
-
-        return MethodSetup(name, model, engine.adapter_parameters(), after_step=fold, engine=engine)
+        return MethodSetup(name, model, engine.adapter_parameters(), after_step=lambda: engine.fold().to_dict(),
+                           engine=engine)
     if name == "official":
         from bench.official_style import inject_official_style
 
@@ -255,12 +252,11 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
         return MethodSetup(name, model, off.adapter_parameters(), after_step=off.fold,
                            after_backward=off.rescale_gradients, engine=off)
     if name in ("lora", "pissa"):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        init = True if name == "lora" else ("pissa" if init_method == "svd" else f"pissa_niter_{n_iter}")
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
-                         init_lora_weights=init, task_type="CAUSAL_LM")
-        inner = get_peft_model(model, cfg)
+        from hdpissa_trl.trainer import build_peft_config  # the trainer's own baselines: same layers, same init
+
+        inner = get_peft_model(model, build_peft_config(name, cfg))
     elif name == "full":
         inner = model
         for p in inner.parameters():
@@ -278,12 +274,13 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
 
 def allreduce_mean_grads(params) -> None:
     """Average gradients over ranks in one flat all_reduce (the arithmetic of DDP, without its overlap)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world, _ = world_and_rank()
+    if world == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
+    flat.div_(world)
     off = 0
     for g in grads:
         g.copy_(flat[off:off + g.numel()].view_as(g))

@@ -43,6 +43,7 @@ from bench._common import (
     setup_method,
     write_json,
 )
+from hdpissa_trl.distributed import world_and_rank
 from hdpissa_trl.launch import child_env, torchrun
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
@@ -114,7 +115,7 @@ def train_step(setup, opt, batches: list, device: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     wait = 0.0
-    if setup.after_step is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if setup.after_step is not None and world_and_rank()[0] > 1:
         # The fold's gather is the first point where the ranks meet: without this barrier its time would include
         # waiting for the slowest rank (load skew), which is not communication. Timed apart as `wait`; it stays
         # in the step time (DDP baselines pay the same skew inside their backward all-reduce).

@@ -8,7 +8,6 @@ It knows nothing about ``transformers.Trainer``.
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
@@ -28,50 +27,44 @@ FACTOR_CONVENTION = "peft-pissa"
 logger = logging.getLogger(__name__)
 
 
-def _matches(name: str, config: HDPiSSAConfig, output_head: set[str]) -> bool:
-    if config.exclude_modules and any(name == e or name.endswith("." + e) for e in config.exclude_modules):
-        return False
-    target = config.target_modules
-    if target == "all-linear":
-        return name not in output_head
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+def _peft_target_config(model: nn.Module, config: HDPiSSAConfig):
+    """``config``'s target and exclude settings as PEFT reads them, ``"all-linear"`` expanded by PEFT's own rule.
+
+    Matching through PEFT means HD-PiSSA and its PEFT baselines (``build_peft_config``: LoRA, PiSSA) adapt the same
+    layers by construction. ``_maybe_include_all_linear_layers`` is the function PEFT's own injection calls for
+    ``"all-linear"`` (every linear but the output head); tests/test_model.py checks both sets agree.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    peft_config = LoraConfig(target_modules=targets, exclude_modules=config.exclude_modules)
+    return _maybe_include_all_linear_layers(peft_config, model)
 
 
 def find_target_modules(model: nn.Module, config: HDPiSSAConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config.target_modules`` selects, in model order. Clear errors when none match or a match is
-    not an ``nn.Linear``."""
-    head = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out_emb is not None and module is out_emb:
-            head.add(name)
+    """The modules ``config.target_modules`` selects, in model order, matched by PEFT's rules (name or suffix list,
+    regex, ``"all-linear"``). Clear errors when none match or a match is not an ``nn.Linear``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    peft_config = _peft_target_config(model, config)
     found = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, HDPiSSALinear):
-            continue
+        if not name or isinstance(module, HDPiSSALinear) or not check_target_module_exists(peft_config, name):
+            continue  # (an excluded module is a falsy match)
         if isinstance(module, nn.Linear):
-            if any(name.startswith(p + ".base_layer") for p, _ in found):
-                continue
-            if _matches(name, config, head):
+            if not any(name.startswith(p + ".base_layer") for p, _ in found):
                 found.append((name, module))
-        elif config.target_modules != "all-linear" and _matches(name, config, head) and not list(module.children()):
+        elif not list(module.children()):
             raise TypeError(
                 f"HD-PiSSA supports torch.nn.Linear layers only; target {name!r} is a {type(module).__name__}. "
-                f"Choose other target_modules (or 'all-linear')."
+                f"Choose target_modules that name nn.Linear layers, or leave it out with exclude_modules."
             )
     if not found:
         linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        other = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())
-                        and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
-                       - {"Linear", "Embedding"})
         hint = f" The model has nn.Linear modules named {linear_names}" if linear_names else (
             " The model has no torch.nn.Linear layers")
         hint += " (the output head is never adapted by 'all-linear')." if config.target_modules == "all-linear" else "."
-        if other:
-            hint += f" It has layer types HD-PiSSA cannot adapt (nn.Linear only): {other}."
         raise ValueError(f"No module matches target_modules={config.target_modules!r}.{hint}")
     return found
 
