@@ -30,6 +30,7 @@ __all__ = [
     "weight_checksums",
 ]
 
-from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint  # noqa: E402
+from .checkpoint import load_hdpissa_checkpoint  # noqa: E402
+from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config  # noqa: E402
 
 __all__ += ["HDPiSSASFTTrainer", "HDPiSSATrainerMixin", "build_peft_config", "load_hdpissa_checkpoint"]
