@@ -8,43 +8,39 @@ What differs from ``DPOTrainer`` is only where the reference comes from (see :mo
   path is loaded a second time by TRL, as ``DPOTrainer`` does; a model object is deep-copied, so the reference is
   the object you passed even if its weights differ from the files at ``config._name_or_path``.
 
-At step 0 policy and reference are the same function, so the DPO (sigmoid) loss is exactly ln 2.
+A PiSSA baseline (``method="pissa"``) keeps a frozen copy of its initial adapter as reference: its adapter-disabled
+model would be the residual ``W − s·B0A0``. At step 0 policy and reference are the same function, so the DPO
+(sigmoid) loss is exactly ln 2.
 """
 
 from __future__ import annotations
 
 import inspect
 
-import torch
 from trl import DPOTrainer
 
-from .config import HDPiSSAConfig
-from .reference import frozen_copy, use_merged_weight_ref_sync, wrap_peft_with_reference_adapter
+from .checks import refuse_adapted_output_head
+from .reference import add_reference_adapter, frozen_copy, use_merged_weight_ref_sync
 from .trainer import HDPiSSATrainerMixin
+
+MIXIN_ARGUMENTS = ("hdpissa_config", "method", "save_dtype")
 
 
 def bind_arguments(fn, args: tuple, kwargs: dict) -> dict:
-    """``fn``'s positional and keyword arguments as one keyword dict (``self`` excluded)."""
-    bound = inspect.signature(fn).bind_partial(None, *args, **kwargs)
-    out = dict(bound.arguments)
-    out.pop(next(iter(inspect.signature(fn).parameters)))
-    out.update(out.pop("kwargs", {}) or {})
-    return out
+    """``fn``'s positional and keyword arguments as one keyword dict (``self`` excluded; unknown keywords kept)."""
+    params = inspect.signature(fn).parameters
+    own = {k: v for k, v in kwargs.items() if k in params}
+    bound = dict(inspect.signature(fn).bind_partial(None, *args, **own).arguments)
+    bound.pop(next(iter(params)))
+    return {**bound, **{k: v for k, v in kwargs.items() if k not in params}}
 
 
-def refuse_adapted_output_head(model, config: HDPiSSAConfig, trainer_name: str) -> None:
-    """TRL's DPO / GRPO compute log-probabilities from ``lm_head.weight`` directly (fused LM head): an adapter on
-    the head would never get a gradient. Refuse it before any work, as TRL does for PEFT."""
-    from .model import find_target_modules
+def starts_from_plain_model(kwargs: dict) -> bool:
+    """True when the run trains the model itself (HD-PiSSA or full), not a PEFT adapter given or built for it."""
+    from accelerate.utils import is_peft_model
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return
-    hit = [name for name, mod in find_target_modules(model, config) if mod is head]
-    if hit:
-        raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with {trainer_name}: it computes "
-                         f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
-                         f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
+    return (kwargs.get("method") in (None, "hdpissa", "full") and kwargs.get("peft_config") is None
+            and not is_peft_model(kwargs.get("model")))
 
 
 class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
@@ -61,28 +57,23 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
     ``accelerate launch --num_processes K``; everything else behaves like ``DPOTrainer``.
     """
 
-    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
-                 save_dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         kwargs = bind_arguments(DPOTrainer.__init__, args, kwargs)
-        self._hdpissa_pre_init(method, hdpissa_config, kwargs)
-        self._choose_reference(kwargs)
+        model, training_args = kwargs.get("model"), kwargs.get("args")
+        if (kwargs.get("ref_model") is None and training_args is not None and not isinstance(model, str)
+                and not training_args.precompute_ref_log_probs and starts_from_plain_model(kwargs)):
+            kwargs["ref_model"] = frozen_copy(model)  # the object passed, not a reload of config._name_or_path
         super().__init__(**kwargs)
-        self._hdpissa_setup(save_dtype)
+        if self.method == "pissa":
+            add_reference_adapter(self.accelerator.unwrap_model(self.model))
         use_merged_weight_ref_sync(self)
 
-    def _choose_reference(self, kwargs: dict) -> None:
-        """A reference that is the starting model (see the module docstring); TRL's choice where that already holds."""
-        args, model = kwargs.get("args"), kwargs.get("model")
-        if kwargs.get("ref_model") is not None or args is None:
-            return
-        if self.method == "pissa":
-            # Adapter-disabled PiSSA is the residual W - BA: keep a frozen copy of the initial adapter instead.
-            from transformers import set_seed
+    # Overridden (TRL's hook, run inside DPOTrainer.__init__): a PiSSA baseline's reference needs its "ref" adapter
+    # before the reference log-probabilities are computed.
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if self.method == "pissa" and self.ref_model is None:
+            add_reference_adapter(self.accelerator.unwrap_model(self.model))
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
-            set_seed(args.seed)
-            kwargs["model"] = wrap_peft_with_reference_adapter(model, kwargs.pop("peft_config"), args)
-        elif self.method in ("hdpissa", "full") and not args.precompute_ref_log_probs and not isinstance(model, str):
-            kwargs["ref_model"] = frozen_copy(model)
-
-    def _check_targets(self, model) -> None:
+    def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "DPOTrainer")

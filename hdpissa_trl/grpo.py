@@ -7,7 +7,7 @@ parameter names (:func:`vllm_named_weights`) instead of PEFT's merge / send / un
 
 Reference (only with ``beta > 0``): TRL loads the starting model a second time from ``config._name_or_path`` (a frozen
 copy: one more copy of the weights), which is right for HD-PiSSA too; the adapter-disabled model would not be (see
-:mod:`hdpissa_trl.reference`).
+:mod:`hdpissa_trl.reference`). A PiSSA baseline keeps a frozen copy of its initial adapter as reference.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from .config import HDPiSSAConfig
-from .dpo import bind_arguments, refuse_adapted_output_head
-from .model import ADAPTER_KEYS
-from .reference import use_merged_weight_ref_sync, wrap_peft_with_reference_adapter
+from .checks import refuse_adapted_output_head
+from .layer import plain_key
+from .reference import add_reference_adapter, use_merged_weight_ref_sync
 from .trainer import HDPiSSATrainerMixin
 
 
@@ -32,12 +31,13 @@ def vllm_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     No copy is made; a sharded (DTensor) weight is gathered one parameter at a time.
     """
     for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in ADAPTER_KEYS:
+        plain = plain_key(name)
+        if plain is None:
             continue
         data = param.data
         if hasattr(data, "full_tensor"):
             data = data.full_tensor()
-        yield name.replace(".base_layer.", "."), data
+        yield plain, data
 
 
 class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
@@ -54,26 +54,13 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
     ``accelerate launch --num_processes K``; everything else behaves like ``GRPOTrainer``.
     """
 
-    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
-                 save_dtype: torch.dtype | None = None, **kwargs):
-        kwargs = bind_arguments(GRPOTrainer.__init__, args, kwargs)
-        self._hdpissa_pre_init(method, hdpissa_config, kwargs)
-        self._choose_reference(kwargs)
-        super().__init__(**kwargs)
-        self._hdpissa_setup(save_dtype)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.method == "pissa" and self.beta != 0.0:
+            add_reference_adapter(self.accelerator.unwrap_model(self.model))
         use_merged_weight_ref_sync(self)
         if self.hdpissa_engine is not None and getattr(self, "vllm_generation", None) is not None:
             self.send_plain_weights_to_vllm(self.vllm_generation)
-
-    def _choose_reference(self, kwargs: dict) -> None:
-        args, model = kwargs.get("args"), kwargs.get("model")
-        if args is None or args.beta == 0.0 or self.method != "pissa":
-            return  # no reference at all, or TRL's (a second load of the starting model) is right
-        # Adapter-disabled PiSSA is the residual W - BA: keep a frozen copy of the initial adapter instead.
-        from transformers import set_seed
-
-        set_seed(args.seed)
-        kwargs["model"] = wrap_peft_with_reference_adapter(model, kwargs.pop("peft_config"), args)
 
     def send_plain_weights_to_vllm(self, vllm_generation) -> None:
         """Make TRL's ``VLLMGeneration.sync_weights`` send W under plain names (every rank must iterate: the
@@ -86,5 +73,5 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
 
         vllm_generation._iter_named_params = iter_named_params
 
-    def _check_targets(self, model) -> None:
+    def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "GRPOTrainer")

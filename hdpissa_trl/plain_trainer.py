@@ -7,11 +7,9 @@ every real optimizer step, atomic checkpoints with every device's optimizer stat
 
 from __future__ import annotations
 
-import torch
 from transformers import Trainer
 
-from .config import HDPiSSAConfig
-from .trainer import HDPiSSATrainerMixin
+from .trainer import HDPiSSATrainerMixin, build_peft_config
 
 
 class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
@@ -26,17 +24,18 @@ class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
         trainer = MyTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
                             hdpissa_config=HDPiSSAConfig(r=16))
 
-    The model must be a model object (``Trainer`` loads nothing by name); for the PEFT baselines it is wrapped with
-    the matching ``LoraConfig`` here, as TRL's trainers do with ``peft_config``.
+    ``Trainer`` takes no ``peft_config``, so the PEFT baselines wrap the model here with the ``LoraConfig`` TRL's
+    trainers would build from ``hdpissa_config``.
     """
 
-    def __init__(self, model=None, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
-                 save_dtype: torch.dtype | None = None, **kwargs):
-        peft_kwargs: dict = {}
-        self._hdpissa_pre_init(method, hdpissa_config, peft_kwargs)
-        if peft_kwargs.get("peft_config") is not None and model is not None:
+    def __init__(self, model=None, *args, **kwargs):
+        from accelerate.utils import is_peft_model
+
+        if kwargs.get("method") in ("pissa", "lora") and model is not None and not is_peft_model(model):
             from peft import get_peft_model
 
-            model = get_peft_model(model, peft_kwargs["peft_config"])
+            from .config import HDPiSSAConfig
+
+            config = kwargs.get("hdpissa_config") or HDPiSSAConfig()
+            model = get_peft_model(model, build_peft_config(kwargs["method"], config))
         super().__init__(model, *args, **kwargs)
-        self._hdpissa_setup(save_dtype)

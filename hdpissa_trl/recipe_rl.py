@@ -123,8 +123,8 @@ def resolve_model(script_args, training_args, model_args) -> tuple[str, dict | N
     return model_path, gguf
 
 
-def evaluate(model_or_dir, tokenizer, script_args, desc: str, trust_remote_code: bool = False) -> dict | None:
-    """Score on the configured ``eval_tasks`` (main process only); None when no tasks are set."""
+def evaluate(model_or_dir, tokenizer, script_args, desc: str, dtype: str, trust_remote_code: bool = False):
+    """Score ``model_or_dir`` (loaded in ``dtype``) on the configured tasks (main process only); None without tasks."""
     if not script_args.eval_tasks:
         return None
     from evaluation import evaluate_model
@@ -132,46 +132,47 @@ def evaluate(model_or_dir, tokenizer, script_args, desc: str, trust_remote_code:
     print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit})")
     return evaluate_model(model_or_dir, tokenizer, tasks=script_args.eval_tasks, limit=script_args.eval_limit,
                           batch_size=script_args.eval_batch_size, max_new_tokens=script_args.eval_max_new_tokens,
-                          chat=script_args.eval_chat, dtype="float32" if desc == "base" else "auto",
-                          trust_remote_code=trust_remote_code)
+                          chat=script_args.eval_chat, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def evaluate_before(model_path: str, script_args, training_args) -> dict | None:
+    """The base model's scores (fp32, main process), for the before/after table; None when not configured."""
     if training_args.process_index != 0 or not (script_args.eval_tasks and script_args.eval_before):
         return None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
-    return evaluate(model_path, tokenizer, script_args, "base", training_args.trust_remote_code)
+    return evaluate(model_path, tokenizer, script_args, "base", "float32", training_args.trust_remote_code)
 
 
 def finish_run(trainer, script_args, training_args, model_args, dataset_args, gguf: dict | None,
                before: dict | None) -> None:
     """Train, save the merged plain model and state, evaluate after, write the card, push; print where it all is."""
-    trainer.hdpissa_extra_card_info = {
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    out = training_args.output_dir
+    trainer.save_model(out)
+    trainer.save_state()
+    card: dict[str, Any] = {"run_info": {
         "base model": model_args.model_name_or_path,
         "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
         if gguf else None,
         "prompt template": script_args.prompt_template,
         "datasets": [dataset_label(d) for d in dataset_args.datasets],
         **_extra_info(trainer, script_args),
-    }
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print("Training completed.")
-    out = training_args.output_dir
-    trainer.save_model(out)
-    trainer.save_state()
+    }}
     if training_args.process_index == 0 and script_args.eval_tasks:
-        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", training_args.trust_remote_code)
+        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
+                         training_args.trust_remote_code)
         after["before"] = before
         write_json_atomic(after, os.path.join(out, "eval_results.json"))
-        trainer.hdpissa_eval_report, trainer.hdpissa_eval_before = after, before
+        card.update(eval_report=after, eval_before=before)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
         os.path.abspath(out))
-    trainer.create_model_card(model_name=model_name)
+    trainer.create_model_card(model_name=model_name, **card)
     trainer.accelerator.wait_for_everyone()
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(**card)
         trainer.accelerator.print(f"Pushed the merged model and its card to {trainer.hub_model_id}.")
     trainer.accelerator.print(
         f"Merged model: {os.path.join(out, 'model.safetensors')}\nModel card:   {os.path.join(out, 'README.md')}\n"
@@ -188,8 +189,12 @@ def _extra_info(trainer, script_args) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if hasattr(args, "precompute_ref_log_probs"):
         info["DPO beta"] = args.beta
-        info["reference"] = "precomputed log-probabilities of the starting model" if args.precompute_ref_log_probs \
-            else "frozen copy of the starting model" + (" (synced)" if args.sync_ref_model else "")
+        if args.precompute_ref_log_probs:
+            info["reference"] = "precomputed log-probabilities of the starting model"
+        elif trainer.method == "pissa":
+            info["reference"] = "frozen copy of the initial PiSSA adapter"
+        else:
+            info["reference"] = "frozen copy of the starting model" + (" (synced)" if args.sync_ref_model else "")
     if isinstance(script_args, GRPOScriptArguments):
         info["rewards"] = ", ".join(([script_args.reward_model_name_or_path] if script_args.reward_model_name_or_path
                                      else []) + list(script_args.reward_funcs or []))

@@ -9,8 +9,8 @@ must be kept some other way:
   model in memory: two floats per example, and one extra forward pass over the data set at start-up).
 
 PiSSA baselines have the same trap in TRL: PiSSA moves the principal part of W into the adapter, so the adapter-
-disabled model is the *residual* W - BA, not the starting model. :func:`wrap_peft_with_reference_adapter` gives TRL
-a PEFT model it recognises as pre-wrapped, for which it keeps a frozen copy of the adapter as reference ("ref").
+disabled model is the *residual* W - BA, not the starting model. :func:`add_reference_adapter` keeps a frozen copy of
+the initial adapter as reference ("ref"), which TRL's trainers use when it exists.
 
 ``sync_ref_model=True`` (TRL mixes the policy into the reference every few steps) zips the parameter lists of the
 two models; an HD-PiSSA policy has adapters and ``base_layer`` names, so it does not line up.
@@ -36,23 +36,25 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref.eval()
 
 
-def wrap_peft_with_reference_adapter(model, peft_config, args):
-    """``get_peft_model(model, peft_config)``, done before TRL sees the model, so TRL keeps a frozen reference adapter.
+@torch.no_grad()
+def add_reference_adapter(peft_model) -> None:
+    """Give a PEFT model a frozen "ref" adapter holding the "default" adapter's current weights (idempotent).
 
-    For a pre-wrapped PEFT model TRL's DPO/GRPO trainers add a "ref" adapter with the "default" adapter's config, copy
-    the "default" weights into it and compute the reference with it: reference = base + initial adapter = the starting
-    model. With PiSSA that ``add_adapter`` would run PiSSA's init a second time, which subtracts another principal
-    part from the base weights (policy and reference both wrong: 0.33 max logit error on a tiny model). The config
-    TRL copies therefore says plain init (the weights are copied over anyway); the base weights stay ``W - s·B0A0``.
+    TRL's DPO/GRPO trainers compute the reference with the "ref" adapter when the model has one, else with adapters
+    disabled. For a PiSSA adapter the adapter-disabled model is the residual ``W − s·B0A0``, not the starting model;
+    base + initial adapter is. TRL itself adds "ref" only for a model passed already wrapped, and with the default
+    adapter's config, which for PiSSA would run PiSSA's init again and subtract a second principal part from the base
+    weights. Here the "ref" adapter gets a plain init (base weights untouched) and the "default" weights are copied in.
     """
-    from peft import get_peft_model
-    from trl.trainer.utils import create_model_from_path
-
-    if isinstance(model, str):
-        model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
-    model = get_peft_model(model, peft_config)
-    model.peft_config["default"].init_lora_weights = True
-    return model
+    if "ref" in peft_model.peft_config:
+        return
+    config = copy.copy(peft_model.peft_config["default"])
+    config.init_lora_weights = True
+    peft_model.add_adapter("ref", config)
+    for name, param in peft_model.named_parameters():
+        if ".ref." in name:
+            param.copy_(peft_model.get_parameter(name.replace(".ref.", ".default.")))
+            param.requires_grad_(False)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import STYLES, _write_jsonl, check_math_row, make_splits, sampler_for  # noqa: E402
+from generate import STYLES, _write_jsonl, check_math_row, make_splits, sampler_for
 
 
 def wrong_completion(completion: str, answer: int, rng: random.Random) -> str:
