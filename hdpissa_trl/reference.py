@@ -69,12 +69,13 @@ def mix_into_reference(ref_model: nn.Module, policy_weights: dict[str, torch.Ten
     if missing:
         raise ValueError(f"sync_ref_model: the policy has no weight named {missing[0]!r} (and {len(missing) - 1} more); "
                          f"the reference model must be the same architecture as the policy.")
-    for name, param in params.items():
+    for name, param in params.items():  # all checked before any is changed: no half-mixed reference
         src = policy_weights[name]
         if src.shape != param.shape:
             raise ValueError(f"sync_ref_model: {name!r} has shape {tuple(src.shape)} in the policy but "
                              f"{tuple(param.shape)} in the reference model.")
-        param.mul_(1.0 - alpha).add_(src.to(device=param.device, dtype=param.dtype), alpha=alpha)
+    for name, param in params.items():
+        param.mul_(1.0 - alpha).add_(policy_weights[name].to(device=param.device, dtype=param.dtype), alpha=alpha)
 
 
 class MergedWeightSyncRefModelCallback(TrainerCallback):
