@@ -11,7 +11,7 @@ import importlib
 import re
 from collections.abc import Callable
 
-_ANSWER = re.compile(r"The answer is (-?\d+)\.?\s*$")
+_ANSWER = re.compile(r"The answer is (-?\d+)\b")
 _NUMBER = re.compile(r"-?\d+")
 
 
@@ -23,10 +23,11 @@ def _text(completion) -> str:
 
 
 def answer_reward(completions, answer: list[str], **kwargs) -> list[float]:
-    """1.0 when the final number of the completion (``The answer is N.``, else the last number) equals ``answer``."""
+    """1.0 when the completion's answer equals ``answer``: the N of its first ``The answer is N``, else its last
+    number."""
     rewards = []
     for completion, gold in zip(completions, answer, strict=True):
-        text = _text(completion).strip()
+        text = _text(completion)
         match = _ANSWER.search(text)
         numbers = [match.group(1)] if match else _NUMBER.findall(text)
         rewards.append(float(bool(numbers) and int(numbers[-1]) == int(gold)))
@@ -34,8 +35,8 @@ def answer_reward(completions, answer: list[str], **kwargs) -> list[float]:
 
 
 def format_reward(completions, **kwargs) -> list[float]:
-    """1.0 when the completion ends with ``The answer is N.`` (the format of the recipes' math data)."""
-    return [float(_ANSWER.search(_text(c).strip()) is not None) for c in completions]
+    """1.0 when the completion states its result as ``The answer is N`` (the format of the recipes' math data)."""
+    return [float(_ANSWER.search(_text(c)) is not None) for c in completions]
 
 
 def digit_reward(completions, **kwargs) -> list[float]:

@@ -12,13 +12,14 @@ import sys
 import pytest
 import torch
 
-from bench import communication, init_svd, precision, quality, step_speed
+from bench import communication, init_svd, precision, quality, rl_step, step_speed
 from bench._common import build_llama, linear_weights, setup_method
 from bench._tasks import TeacherStudentTask, prepare_multitask_base
 from hdpissa_trl.launch import REPO_ROOT, child_env, free_port
 
 
-@pytest.mark.parametrize("script", ["communication", "init_svd", "precision", "quality", "real_model", "step_speed"])
+@pytest.mark.parametrize("script", ["communication", "init_svd", "precision", "quality", "real_model", "rl_step",
+                                    "step_speed"])
 def test_scripts_run_as_modules(tmp_path, script):
     """``python -m bench.X`` is how BENCHMARKS.md runs them: it parses its command line from any directory (the
     launch helpers put the checkout on PYTHONPATH), without a sys.path preamble in the script."""
@@ -223,3 +224,28 @@ def test_real_model_heldout_loss_and_paired_table(tmp_path):
     hd = next(line for line in md.splitlines() if line.startswith("| HD-PiSSA K=2"))
     assert "-0.100 ± 0.000 (lower in 2/2)" in hd and "-0.075 ± 0.177 (lower in 1/2)" in hd
     assert "+0.300 ± 0.000 (lower in 0/2)" in md and "PiSSA (DDP" not in md.split("\n", 2)[2]
+
+
+def test_rl_step_counts_the_reference_copy_and_summarizes_against_lora(tmp_path):
+    """One process, tiny model, one step per configuration: the memory count sees the frozen reference copy of
+    HD-PiSSA (and none with precomputed log-probs or LoRA's adapter-disabled reference)."""
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    settings = dict(model_dir=save_tiny_model(tmp_path / "m", arch="llama"), output_dir=str(tmp_path / "out"),
+                    steps=1, batch=2, r=2, max_completion_length=4)
+    mem = {}
+    for label, method, extra in rl_step.CONFIGS["dpo"][:3]:
+        trainer = rl_step.build_trainer("dpo", method, extra, settings)
+        trainer.train()
+        mem[label] = rl_step.memory_breakdown(trainer)
+    from transformers import AutoModelForCausalLM
+
+    pre, copy, lora = (mem[label] for label, _, _ in rl_step.CONFIGS["dpo"][:3])
+    assert pre["reference_model"] == 0 == lora["reference_model"]
+    start = AutoModelForCausalLM.from_pretrained(settings["model_dir"])
+    assert copy["reference_model"] == sum(p.numel() * p.element_size() for p in start.parameters())
+    assert 2 * pre["trainable"] <= pre["optimizer_state"] < 2 * pre["trainable"] + 4096  # Adam: two moments (+ step)
+    records = {"dpo": {"PEFT LoRA, x": {"step_s": [2.0, 2.0], "peak": [1.0], "memory": lora},
+                       "HD-PiSSA, y": {"step_s": [1.0, 3.0, 1.0], "peak": [3.0, 2.0], "memory": pre}}}
+    out = rl_step.summarize(records)["dpo"]
+    assert out["HD-PiSSA, y"]["x_lora"] == 0.5 and out["HD-PiSSA, y"]["peak_rss_increase"] == 3.0

@@ -11,13 +11,14 @@ def test_answer_reward_reads_the_final_number_in_both_data_formats():
     completions = ["12 + 30 = 42. The answer is 42.", "The answer is 41.", "it is 40 or maybe 42", "no idea",
                    [{"role": "assistant", "content": "7 * 6 = 42.\nThe answer is 42."}]]
     assert answer_reward(completions, answer=["42"] * 5) == [1.0, 0.0, 1.0, 0.0, 1.0]
-    # "The answer is N." wins over a later stray number only when it ends the text; otherwise the last number counts.
-    assert answer_reward(["The answer is 42. Then 7."], answer=["7"]) == [1.0]
-    assert answer_reward(["x = -3. The answer is -3."], answer=["-3"]) == [1.0]
+    # A stated "The answer is N" wins over any later number; without one, the last number counts.
+    assert answer_reward(["The answer is 42. Then 7.", "6 or 7"], answer=["42", "7"]) == [1.0, 1.0]
+    assert answer_reward(["x = -3. The answer is -3.", "The answer is 421."], answer=["-3", "42"]) == [1.0, 0.0]
 
 
 def test_format_and_digit_rewards():
-    assert format_reward(["1 + 1 = 2. The answer is 2.", "The answer is two.", "2"]) == [1.0, 0.0, 0.0]
+    assert format_reward(["1 + 1 = 2. The answer is 2.", "The answer is 2, since", "The answer is two.", "2"]) == [
+        1.0, 1.0, 0.0, 0.0]
     assert digit_reward(["1234", "ab12", " ", [{"role": "assistant", "content": "9 9"}]]) == [1.0, 0.5, 0.0, 1.0]
 
 
