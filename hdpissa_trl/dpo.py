@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from trl import DPOTrainer
 
 from .checks import refuse_adapted_output_head
@@ -73,7 +77,30 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         if self.method == "pissa" and self.ref_model is None:
             add_reference_adapter(self.accelerator.unwrap_model(self.model))
+        if self.accelerator.num_processes > 1 and isinstance(dataset, Dataset) and not dataset.cache_files:
+            return self._precompute_ref_logps_in_memory(dataset, name, batch_size)
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    @torch.no_grad()
+    def _precompute_ref_logps_in_memory(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """TRL's precompute for an in-memory dataset on K processes, kept in memory.
+
+        TRL writes the log-probabilities to a cache file beside the dataset's own cache files and every process
+        reads it back; an in-memory dataset (``Dataset.from_list``, ...) has none, so each process looks in its own
+        temporary directory and all but the writer fail (FileNotFoundError). Here the gathered values (every process
+        has them all) become two columns on every process. Same batches, same order, same model as TRL's.
+        """
+        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                                                     num_workers=self.args.dataloader_num_workers, shuffle=False))
+        model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                          disable=not self.accelerator.is_main_process):
+            ref_chosen, ref_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(ref_chosen.float().cpu())
+            rejected.append(ref_rejected.float().cpu())
+        return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+                .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
 
     def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "DPOTrainer")

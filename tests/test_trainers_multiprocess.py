@@ -46,7 +46,9 @@ def losses(rec) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dpo", "grpo", "plain"])
 def test_two_processes_fold_checkpoint_and_exact_resume(tiny_model_dir, tmp_path, kind):
-    common = ["--trainer", kind, "--model", tiny_model_dir, "--max_steps", "4", "--save_steps", "2"]
+    # GRPO with gradient accumulation 2 (its generation batch then spans two micro-steps): still one fold per step.
+    common = ["--trainer", kind, "--model", tiny_model_dir, "--max_steps", "4", "--save_steps", "2",
+              "--grad_accum", "2" if kind == "grpo" else "1"]
     launch(*common, "--output_dir", str(tmp_path / "straight"), "--record_dir", str(tmp_path / "rs"))
     launch(*common, "--output_dir", str(tmp_path / "split"), "--record_dir", str(tmp_path / "r1"), "--stop_after", "2")
     ckpt = tmp_path / "split" / "checkpoint-2"
