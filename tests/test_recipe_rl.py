@@ -131,11 +131,11 @@ def test_yamls_use_known_keys_and_existing_files(script):
 
 
 # ------------------------------------------------------------------------------------------------ end to end ---
-def run_recipe(script: str, config: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_recipe(script: str, config: str, out: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate_configs/cpu.yaml",
            "--num_processes", "2", "--main_process_port", str(free_port()), f"recipes/{script}.py", "--config", config,
            "--output_dir", str(out), "--save_strategy", "no", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -153,9 +153,18 @@ def check_plain_model(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_demo_mean_reward_rises_two_processes(tmp_path):
+def test_grpo_demo_mean_reward_rises_and_pushes_two_processes(tmp_path):
+    """The demo's mean reward rises; the merged model and its card reach a (local) Hub, the token in no file."""
+    from mini_hub import run_mini_hub
+
     out = tmp_path / "grpo"
-    proc = run_recipe("grpo", "recipes/demo/grpo.yaml", out, "--max_steps", "30", "--learning_rate", "5e-3")
+    token = "hf_grpo_secret_token_42"
+    with run_mini_hub(token=token) as hub:
+        proc = run_recipe("grpo", "recipes/demo/grpo.yaml", out, "--max_steps", "30", "--learning_rate", "5e-3",
+                          "--push_to_hub", "true", "--hub_model_id", "test-user/grpo-demo", "--hub_token", token,
+                          env=hub.client_env(tmp_path / "hf_home", child_env()))
+        files = hub.repo_files("test-user/grpo-demo")
+        hub.check()
     rewards = [h["reward"] for h in history(out) if "reward" in h]
     assert len(rewards) == 6
     assert sum(rewards[-2:]) / 2 > rewards[0] + 0.3, rewards
@@ -163,6 +172,10 @@ def test_grpo_demo_mean_reward_rises_two_processes(tmp_path):
     card = (out / "README.md").read_text()
     assert "| rewards | digit_reward |" in card and "| devices K | 2 |" in card and "hd-pissa" in card
     assert "Merged model:" in proc.stdout
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert files["README.md"].decode() == card
+    assert all(token.encode() not in data for data in files.values())
+    assert not any("hdpissa_state" in f or "optimizer" in f for f in files)
 
 
 @pytest.mark.slow
