@@ -183,7 +183,8 @@ def test_grpo_demo_mean_reward_rises_and_pushes_two_processes(tmp_path):
 def test_dpo_demo_runs_and_reports_margins_two_processes(tmp_path, method):
     out = tmp_path / method
     run_recipe("dpo", "recipes/demo/dpo.yaml", out, "--method", method, "--max_steps", "20", "--eval_steps", "10",
-               "--logging_steps", "5")
+               "--logging_steps", "5", "--eval_tasks", "math=recipes/demo/data_rl/prompts_test.jsonl",
+               "--eval_limit", "4", "--eval_max_new_tokens", "8", "--eval_batch_size", "4")
     logged = history(out)
     train = [h for h in logged if "rewards/margins" in h]
     evals = [h for h in logged if "eval_rewards/margins" in h]
@@ -191,3 +192,6 @@ def test_dpo_demo_runs_and_reports_margins_two_processes(tmp_path, method):
     check_plain_model(out)
     card = (out / "README.md").read_text()
     assert "precomputed log-probabilities of the starting model" in card and f"| method | {method} |" in card
+    scores = json.loads((out / "eval_results.json").read_text())  # generation eval before and after, in the card
+    assert scores["results"]["math"]["n"] == scores["before"]["results"]["math"]["n"] == 4
+    assert "model-index" in card
