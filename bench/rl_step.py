@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
                       fmt_bytes(v["trainable"]), fmt_bytes(v["optimizer_state"]), fmt_bytes(v["reference_model"]),
                       fmt_bytes(v["peak_rss_increase"])] for label, v in rows.items()],
                     title=f"{kind.upper()}, K={args.nproc}, r={args.r}, batch {args.batch}: {env_line(info)}")
-    path = write_json("rl_step.json", {"env": info, "settings": vars(args), "summary": summary,
-                                       "records": records}, args.results_dir)
+    settings = {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir", "worker", "model_dir")}
+    path = write_json("rl_step.json", {"env": info, "settings": settings, "summary": summary, "records": records},
+                      args.results_dir)
     print(f"results: {path}")
 
 
