@@ -64,7 +64,8 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
     def __init__(self, *args, **kwargs):
         kwargs = bind_arguments(DPOTrainer.__init__, args, kwargs)
         model, training_args = kwargs.get("model"), kwargs.get("args")
-        if (kwargs.get("ref_model") is None and training_args is not None and not isinstance(model, str)
+        if (kwargs.get("ref_model") is None and training_args is not None and model is not None
+                and not isinstance(model, str)
                 and not training_args.precompute_ref_log_probs and starts_from_plain_model(kwargs)):
             kwargs["ref_model"] = frozen_copy(model)  # the object passed, not a reload of config._name_or_path
         super().__init__(**kwargs)
