@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 from trl import DPOTrainer
 
 from .checks import refuse_adapted_output_head
-from .reference import add_reference_adapter, frozen_copy, use_merged_weight_ref_sync
+from .reference import (
+    add_reference_adapter,
+    frozen_copy,
+    load_synced_reference,
+    save_synced_reference,
+    use_merged_weight_ref_sync,
+)
 from .trainer import HDPiSSATrainerMixin
 
 MIXIN_ARGUMENTS = ("hdpissa_config", "method", "save_dtype")
@@ -105,3 +111,12 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
 
     def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "DPOTrainer")
+
+    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
+    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
+        super()._save_hdpissa_state(ckpt_dir)
+        save_synced_reference(self, ckpt_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_synced_reference(self, resume_from_checkpoint)

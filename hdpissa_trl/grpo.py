@@ -20,7 +20,12 @@ from trl import GRPOTrainer
 
 from .checks import refuse_adapted_output_head
 from .layer import plain_key
-from .reference import add_reference_adapter, use_merged_weight_ref_sync
+from .reference import (
+    add_reference_adapter,
+    load_synced_reference,
+    save_synced_reference,
+    use_merged_weight_ref_sync,
+)
 from .trainer import HDPiSSATrainerMixin
 
 
@@ -75,3 +80,12 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
 
     def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "GRPOTrainer")
+
+    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
+    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
+        super()._save_hdpissa_state(ckpt_dir)
+        save_synced_reference(self, ckpt_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_synced_reference(self, resume_from_checkpoint)

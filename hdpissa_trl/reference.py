@@ -14,12 +14,15 @@ the initial adapter as reference ("ref"), which TRL's trainers use when it exist
 
 ``sync_ref_model=True`` (TRL mixes the policy into the reference every few steps) zips the parameter lists of the
 two models; an HD-PiSSA policy has adapters and ``base_layer`` names, so it does not line up.
-:class:`MergedWeightSyncRefModelCallback` mixes in the policy's plain merged weights by name instead.
+:class:`MergedWeightSyncRefModelCallback` mixes in the policy's plain merged weights by name instead. A synced
+reference is part of the training state: it goes into checkpoints (``reference_model.safetensors``) and comes back on
+resume (TRL itself restarts it from the starting model).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -109,3 +112,39 @@ def use_merged_weight_ref_sync(trainer) -> None:
         handler.remove_callback(cb)
     if found:
         trainer.add_callback(MergedWeightSyncRefModelCallback(trainer))
+
+
+REFERENCE_STATE_NAME = "reference_model.safetensors"
+
+
+def save_synced_reference(trainer, ckpt_dir: str) -> None:
+    """Write the reference model into a checkpoint when ``sync_ref_model`` makes it training state (saving rank)."""
+    ref = getattr(trainer, "ref_model", None)
+    if ref is None or not getattr(trainer.args, "sync_ref_model", False) or not trainer.args.should_save:
+        return
+    from safetensors.torch import save_file
+
+    params = dict(trainer.accelerator.unwrap_model(ref).named_parameters())
+    save_file({name: p.detach().contiguous().cpu() for name, p in params.items()},
+              os.path.join(ckpt_dir, REFERENCE_STATE_NAME))
+
+
+@torch.no_grad()
+def load_synced_reference(trainer, ckpt_dir: str) -> None:
+    """Restore the synced reference from a checkpoint; a clear error when the checkpoint has none."""
+    ref = getattr(trainer, "ref_model", None)
+    if ref is None or not getattr(trainer.args, "sync_ref_model", False):
+        return
+    path = os.path.join(ckpt_dir, REFERENCE_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Cannot resume with sync_ref_model=True: {path} is missing (the checkpoint was written "
+                                f"without a synced reference). Resume with sync_ref_model=False or from another run.")
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    params = dict(trainer.accelerator.unwrap_model(ref).named_parameters())
+    if set(saved) != set(params):
+        raise ValueError(f"Cannot resume: {path} holds another model's weights ({len(saved)} tensors, the reference "
+                         f"has {len(params)}).")
+    for name, param in params.items():
+        param.copy_(saved[name].to(param.device, param.dtype))

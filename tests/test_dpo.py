@@ -144,3 +144,32 @@ def test_adapted_output_head_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="output head 'lm_head' is not supported with DPOTrainer"):
         HDPiSSADPOTrainer(model=tiny_model_dir, args=dpo_config(tmp_path), train_dataset=demo_pairs(8),
                           hdpissa_config=HDPiSSAConfig(r=2, target_modules=["q_proj", "lm_head"]))
+
+
+def test_synced_reference_is_checkpointed_and_resumed_exactly(tiny_model_dir, tmp_path):
+    """With sync_ref_model the reference is training state: an interrupted run resumed from its checkpoint continues
+    with the same reference (and so the same losses) as a run that never stopped. A checkpoint without it is refused."""
+    from workers.trainer_worker import StopAfter
+
+    def run(out, stop=0, resume=None):
+        args = dpo_config(tmp_path, output_dir=str(out), max_steps=4, sync_ref_model=True, ref_model_sync_steps=1,
+                          ref_model_mixup_alpha=0.5, save_strategy="steps", save_steps=2)
+        trainer = HDPiSSADPOTrainer(model=tiny_model_dir, args=args, train_dataset=demo_pairs(32),
+                                    hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4))
+        if stop:
+            trainer.add_callback(StopAfter(stop))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", stop=2)
+    ckpt = tmp_path / "split" / "checkpoint-2"
+    assert (ckpt / "reference_model.safetensors").is_file()
+    resumed = run(tmp_path / "split", resume=str(ckpt))
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == pytest.approx(
+        [h["loss"] for h in straight.state.log_history if "loss" in h], abs=1e-6)
+    for name, param in straight.ref_model.named_parameters():
+        torch.testing.assert_close(resumed.ref_model.get_parameter(name), param, rtol=0, atol=1e-6)
+    (ckpt / "reference_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sync_ref_model=True: .*reference_model.safetensors is missing"):
+        run(tmp_path / "split", resume=str(ckpt))
