@@ -14,6 +14,7 @@ keys, possibly sharded; scheduler, RNG states, ``trainer_state.json``) plus:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,6 +76,24 @@ def publish(tmp: str, final: str) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writes_on_each_node(trainer):
+    """With ``save_on_each_node=True`` every node's saving rank writes the model files of its own copy.
+
+    transformers' ``save_pretrained`` writes on global rank 0 only (``should_save_on_this_rank``), whatever
+    ``is_main_process`` says, so the other nodes' checkpoints would lack their weights and could not resume.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not (trainer.args.save_on_each_node and trainer.args.should_save and hasattr(model, "should_save_on_this_rank")):
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
 
 
 # -- reading ------------------------------------------------------------------------------------------------------

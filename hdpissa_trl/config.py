@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 INIT_METHODS = ("svd", "randomized")
 PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
 ON_MISMATCH = ("raise", "resync")
+# Fields that change how a run is carried out, not what it computes: a resume may change them; any other field of
+# the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
+OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init")
 
 
 @dataclass
@@ -16,12 +19,15 @@ class HDPiSSAConfig:
     Parameters (grouped by concern):
         Adapter shape:
             r: rank of the adapter on EACH device; K devices together own the top ``K·r`` singular directions.
+            strict_rank: a layer too small for ``K·r`` (``K·r > min(out, in)``) gets the largest ``r`` that fits (one
+                warning names those layers); ``True`` makes it an error instead.
             lora_alpha: scale numerator; the update scale is ``s = lora_alpha / r``. As in PEFT's PiSSA the initial
                 factors carry ``sqrt(S/s)``, so ``s·B0A0`` is the slice of W and a step moves W like ``sqrt(s)``.
             target_modules: which ``nn.Linear`` modules get adapters: a list of module-name suffixes, a regex string,
                 or ``"all-linear"`` (every linear except the output head).
             exclude_modules: name suffixes never adapted, even when ``target_modules`` matches them.
-            lora_dropout: dropout on the adapter's input (the base path is never dropped).
+            lora_dropout: LoRA dropout: the adapter path (``s·B0A0`` of W and the adapter gradients) sees the
+                dropped input, the rest of W the full input, exactly as PEFT's LoRA/PiSSA.
         Initialisation:
             init_method: ``"svd"`` (exact fp32 SVD) or ``"randomized"`` (``torch.svd_lowrank`` of the top ``K·r``).
             n_iter: power iterations of the randomized SVD.
@@ -38,6 +44,10 @@ class HDPiSSAConfig:
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
+    strict_rank: bool = field(
+        default=False,
+        metadata={"help": "Refuse a layer too small for K·r (default: give it the largest r with K·r <= min(out, in))."},
+    )
     lora_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: s = lora_alpha / r, as in PEFT's PiSSA "
                                                              "(a step moves W in proportion to sqrt(s))."})
     target_modules: list[str] | str = field(
@@ -47,7 +57,9 @@ class HDPiSSAConfig:
     exclude_modules: list[str] | None = field(
         default=None, metadata={"help": "Module-name suffixes that are never adapted."}
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout probability: the principal part s·B0A0 of W sees the dropped input."}
+    )
     init_method: str = field(
         default="svd", metadata={"help": "Initial factorisation: 'svd' (exact, fp32) or 'randomized' (svd_lowrank)."}
     )
@@ -107,4 +119,38 @@ class HDPiSSAConfig:
         return float(self.lora_alpha) / self.r
 
     def to_dict(self) -> dict:
+        """All fields, JSON-ready: stored whole in every checkpoint so a resume can refuse a different config."""
         return asdict(self)
+
+    @classmethod
+    def from_peft(cls, lora_config, **overrides) -> HDPiSSAConfig:
+        """HD-PiSSA with the r, lora_alpha, targets and dropout of an existing PEFT ``LoraConfig``.
+
+        ``init_lora_weights="pissa_niter_N"`` selects the randomized init with N power iterations. LoRA variants that
+        HD-PiSSA does not implement (DoRA, rsLoRA, per-layer rank/alpha patterns, biases, extra trained modules,
+        layer selection) are refused naming the field, rather than silently dropped. ``overrides`` set any other field.
+        """
+        unsupported = {"use_dora": False, "use_rslora": False, "bias": "none", "modules_to_save": None,
+                       "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+                       "trainable_token_indices": None, "target_parameters": None}
+        for name, neutral in unsupported.items():
+            value = getattr(lora_config, name, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(f"HDPiSSAConfig.from_peft: LoraConfig.{name}={value!r} has no HD-PiSSA equivalent; "
+                                 f"set it to {neutral!r} (HD-PiSSA trains only its adapters on the target modules).")
+        targets = lora_config.target_modules
+        if targets is None:
+            raise ValueError("HDPiSSAConfig.from_peft: LoraConfig.target_modules is None (PEFT then picks defaults "
+                             "per model type); set it explicitly, e.g. target_modules='all-linear'.")
+        kwargs: dict = {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "lora_dropout": lora_config.lora_dropout,
+                        "target_modules": sorted(targets) if isinstance(targets, (set, frozenset)) else targets}
+        exclude = getattr(lora_config, "exclude_modules", None)
+        if isinstance(exclude, str):
+            raise ValueError("HDPiSSAConfig.from_peft: LoraConfig.exclude_modules is a regex; HD-PiSSA takes a list of "
+                             "module-name suffixes there.")
+        if exclude:
+            kwargs["exclude_modules"] = sorted(exclude)
+        init = lora_config.init_lora_weights
+        if isinstance(init, str) and init.startswith("pissa_niter_"):
+            kwargs.update(init_method="randomized", n_iter=int(init.rsplit("_", 1)[-1]))
+        return cls(**{**kwargs, **overrides})

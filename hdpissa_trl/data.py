@@ -147,8 +147,8 @@ def check_sft_dataset(dataset, name: str = "train", text_field: str = "text", ne
     """Clear errors, before any model is loaded, for a dataset ``SFTTrainer`` cannot train on.
 
     Raises :class:`DataError` when ``dataset`` (a ``Dataset``, or a dict of them for evaluation) is empty, or, when
-    ``needs_columns``, has none of the column sets SFT reads: ``prompt`` + ``completion``, ``messages``,
-    ``text_field`` or pre-tokenized ``input_ids``. (Without these checks TRL fails with a bare ``StopIteration`` or
+    ``needs_columns``, has none of the column sets SFT reads: ``prompt`` + ``completion``, ``messages``, ShareGPT
+    ``conversations`` (from/value), ``text_field`` or pre-tokenized ``input_ids``: never stricter than SFTTrainer. (Without these checks TRL fails with a bare ``StopIteration`` or
     ``KeyError: 'text'``.) Streaming datasets are not inspected.
     """
     if dataset is None:
@@ -162,10 +162,15 @@ def check_sft_dataset(dataset, name: str = "train", text_field: str = "text", ne
     if len(dataset) == 0:
         raise DataError(f"The {name} dataset is empty (0 rows): nothing to train on. Check its split and filters.")
     cols = set(dataset.column_names)
-    if needs_columns and not ({"prompt", "completion"} <= cols or cols & {"messages", text_field, "input_ids"}):
-        raise DataError(f"The {name} dataset has columns {dataset.column_names}; SFT needs 'prompt'+'completion', "
-                        f"'messages' or {text_field!r} (dataset_text_field). Rename yours, e.g. with "
-                        f"hdpissa_trl.data.map_columns, or pass a formatting_func.")
+    if not needs_columns or {"prompt", "completion"} <= cols or cols & {"messages", text_field, "input_ids"}:
+        return
+    from trl.data_utils import is_conversational_from_value
+
+    if "conversations" in cols and is_conversational_from_value(dataset[0]):
+        return  # ShareGPT-style from/value turns: SFTTrainer converts them to messages
+    raise DataError(f"The {name} dataset has columns {dataset.column_names}; SFT needs 'prompt'+'completion', "
+                    f"'messages', 'conversations' (ShareGPT from/value) or {text_field!r} (dataset_text_field). "
+                    f"Rename yours, e.g. with hdpissa_trl.data.map_columns, or pass a formatting_func.")
 
 
 def check_after_truncation(before, after, name: str, max_length: int | None) -> None:

@@ -137,11 +137,21 @@ class HDPiSSALinear(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
-            return self.base_layer(x)  # inference / frozen: exactly the base layer
-        x_adapter = self.lora_dropout(x.detach())
-        return _HDPiSSALinearFn.apply(x, x_adapter, self.base_layer.weight, self.base_layer.bias,
-                                      self.lora_A, self.lora_B, self.scale)
+        train_adapter = torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        x_drop = self.lora_dropout(x) if dropout else x
+        if train_adapter:
+            y = _HDPiSSALinearFn.apply(x, x_drop.detach(), self.base_layer.weight, self.base_layer.bias,
+                                       self.lora_A, self.lora_B, self.scale)
+        else:
+            y = self.base_layer(x)  # inference / frozen: exactly the base layer
+        if dropout:
+            # LoRA dropout, as PEFT's LoRA/PiSSA: W = W_res + s·B0A0 and the adapter's part sees the dropped input,
+            # y = W_res x + s·B0A0·drop(x) = W x + s·B0A0·(drop(x) − x); the adapter gradients above use drop(x).
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                dx = (x_drop - x).to(self.A0_all.dtype)
+                y = y + ((dx @ self.A0.t()) @ self.B0.t() * self.scale).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, device_slice={self.rank}/"

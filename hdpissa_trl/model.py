@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import HDPiSSAConfig
+from .config import OPERATIONAL_FIELDS, HDPiSSAConfig
 from .consistency import check_weights_consistent, weight_checksums
 from .distributed import world_and_rank
 from .fold import FoldStats, fold_deltas, update_rank_bound
@@ -85,6 +85,60 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fit_ranks(targets: list[tuple[str, nn.Module]], config: HDPiSSAConfig, world_size: int,
+              warn: bool = True) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """Per-layer rank: ``config.r``, or on a layer too small for it the largest ``r`` with ``K·r <= min(out, in)``.
+
+    The K devices' slices must be disjoint singular directions, so a layer of ``min(out, in) < K`` gets no adapter.
+    One warning names the fitted and the skipped layers; ``config.strict_rank`` makes either an error.
+    """
+    K, kept, ranks, fitted, skipped = world_size, [], [], {}, []
+    for name, module in targets:
+        m, n = module.out_features, module.in_features
+        largest = min(m, n) // K
+        if K * config.r > min(m, n) and config.strict_rank:
+            raise ValueError(
+                f"K·r = {K}·{config.r} = {K * config.r} exceeds min(out, in) = {min(m, n)} of layer {name!r} "
+                f"(shape {m}x{n}): the K devices' slices must be disjoint singular directions. The largest "
+                f"per-device r that fits this layer with K={K} is {largest}"
+                + (" (none: use fewer devices or exclude this layer)." if largest == 0 else ".")
+                + " Without strict_rank=True such a layer gets that largest r."
+            )
+        if largest == 0:
+            skipped.append(name)
+            continue
+        r = min(config.r, largest)
+        if r < config.r:
+            fitted.setdefault((name.rsplit(".", 1)[-1], r), []).append(name)
+        kept.append((name, module))
+        ranks.append(r)
+    if not kept:
+        raise ValueError(f"No target layer is large enough for K={K} devices (min(out, in) >= K is needed): "
+                         f"{', '.join(skipped)}.")
+    if warn and (fitted or skipped):
+        parts = [f"{suffix} ×{len(names)} r={r}" for (suffix, r), names in fitted.items()]
+        if skipped:
+            parts.append(f"no adapter (min(out, in) < K): {', '.join(skipped)}")
+        logger.warning("HD-PiSSA r=%d with K=%d does not fit every layer (K·r must be <= min(out, in)); using the "
+                       "largest r that fits: %s. Set strict_rank=True to make this an error.", config.r, K,
+                       "; ".join(parts))
+    return kept, ranks
+
+
+def _init_factors(weights: list[torch.Tensor], ranks: list[int], world_size: int, config: HDPiSSAConfig,
+                  show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Initial factors of every layer, ``K·r_layer`` directions each (one init call per distinct rank)."""
+    factors: list = [None] * len(weights)
+    for r in sorted(set(ranks), reverse=True):
+        idx = [i for i, ri in enumerate(ranks) if ri == r]
+        group = distributed_init_factors([weights[i] for i in idx], world_size * r, config.init_method,
+                                         config.n_iter, config.seed, shard=config.shard_init,
+                                         show_progress=show_progress, scale=config.lora_alpha / r)
+        for i, f in zip(idx, group):
+            factors[i] = f
+    return factors
+
+
 class HDPiSSAEngine:
     """HD-PiSSA state of one device: the injected layers, their precision state, fold and consistency checks.
 
@@ -110,30 +164,18 @@ class HDPiSSAEngine:
         self.last_check = WeightCheck()
 
         targets = find_target_modules(model, config)
-        K, r = self.world_size, config.r
-        for name, module in targets:
-            m, n = module.out_features, module.in_features
-            if K * r > min(m, n):
-                largest = min(m, n) // K
-                raise ValueError(
-                    f"K·r = {K}·{r} = {K * r} exceeds min(out, in) = {min(m, n)} of layer {name!r} "
-                    f"(shape {m}x{n}): the K devices' slices must be disjoint singular directions. The largest "
-                    f"per-device r that fits this layer with K={K} is {largest}"
-                    + (" (none: use fewer devices or exclude this layer)." if largest == 0 else ".")
-                )
+        targets, ranks = fit_ranks(targets, config, self.world_size, warn=self.rank == 0)
         check_precision_supported(config.precision, {name: module.weight for name, module in targets})
         for p in model.parameters():
             p.requires_grad_(False)
 
-        factors = distributed_init_factors(
-            [mod.weight for _, mod in targets], K * r, config.init_method, config.n_iter, config.seed,
-            shard=config.shard_init, show_progress=show_progress, scale=config.scale,
-        )
+        factors = _init_factors([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
         self.names: list[str] = []
         self.layers: list[HDPiSSALinear] = []
         self.updaters: list[WeightUpdater] = []
-        for i, ((name, module), (A0_all, B0_all)) in enumerate(zip(targets, factors)):
-            layer = HDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
+        for i, ((name, module), r, (A0_all, B0_all)) in enumerate(zip(targets, ranks, factors)):
+            layer = HDPiSSALinear(module, r, self.rank, self.world_size, config.lora_alpha / r, config.lora_dropout,
+                                  name=name)
             layer.set_initial_factors(A0_all.to(layer.A0_all.device), B0_all.to(layer.B0_all.device))
             _set_submodule(model, name, layer)
             self.names.append(name)
@@ -197,12 +239,10 @@ class HDPiSSAEngine:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`; refuses a checkpoint from another K, r, precision or layer set."""
+        """Restore from :meth:`state_dict`; refuses a checkpoint from another K, layer set or config (any field but
+        the operational ones of ``config.OPERATIONAL_FIELDS``), naming what differs."""
         meta, tensors = state["metadata"], state["tensors"]
         _check_factor_convention(meta)
-        if float(meta.get("lora_alpha", self.config.lora_alpha)) != float(self.config.lora_alpha):
-            raise ValueError(f"Cannot resume: the checkpoint was made with lora_alpha={meta['lora_alpha']}, now "
-                             f"lora_alpha={self.config.lora_alpha}; its factors A0, B0 depend on lora_alpha / r.")
         expected = {"world_size": str(self.world_size), "r": str(self.config.r),
                     "precision": self.config.precision, "layers": ",".join(self.names)}
         for key, want in expected.items():
@@ -214,6 +254,11 @@ class HDPiSSAEngine:
                 shown_want = want if key != "layers" else f"{len(self.names)} layers"
                 raise ValueError(f"Cannot resume: the checkpoint was made with a different {what} "
                                  f"(checkpoint: {shown_got}, now: {shown_want}).")
+        saved = json.loads(meta.get("config", "{}"))
+        for key, now in self.config.to_dict().items():
+            if key in saved and key not in OPERATIONAL_FIELDS and saved[key] != now:
+                raise ValueError(f"Cannot resume: the checkpoint was made with HDPiSSAConfig.{key}={saved[key]!r}, "
+                                 f"this run has {key}={now!r}. Resume with the checkpoint's value, or start a new run.")
         for name, layer, upd in zip(self.names, self.layers, self.updaters):
             for key in ("A0_all", "B0_all"):
                 t = tensors[f"{name}.{key}"]

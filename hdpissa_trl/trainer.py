@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -27,12 +28,15 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .checkpoint import CheckpointMixin
+from .amp import agree_on_skip
+from .checkpoint import CheckpointMixin, writes_on_each_node
 from .config import HDPiSSAConfig
 from .model import find_target_modules, inject_hdpissa
+from .parallel import check_parallelism
 from .sync import FoldStats
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
+logger = logging.getLogger(__name__)
 
 
 def build_peft_config(method: str, config: HDPiSSAConfig):
@@ -47,11 +51,45 @@ def build_peft_config(method: str, config: HDPiSSAConfig):
                       init_lora_weights=init, task_type="CAUSAL_LM")
 
 
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def resolve_method(method: str | None, hdpissa_config: HDPiSSAConfig | None, peft_config, model) -> str:
+    """What the trainer trains: ``method`` when given; else HD-PiSSA, or, when the user passed a PEFT adapter
+    (``peft_config`` or a ``PeftModel``) and no ``hdpissa_config``, ``"peft"``: that adapter exactly as the parent
+    trainer trains it (code written for ``SFTTrainer`` keeps working unchanged)."""
+    user_peft = peft_config is not None or _is_peft_model(model)
+    what = "peft_config" if peft_config is not None else "a PeftModel as model"
+    if method is not None and method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not user_peft:
+        return method or "hdpissa"
+    if method in ("pissa", "lora"):
+        return method  # the user's PEFT adapter is the baseline
+    if method == "full" or hdpissa_config is not None or method == "hdpissa":
+        given = f"method={method!r}" if method else "hdpissa_config"
+        hint = ("pass the base model (model.get_base_model(), or model.merge_and_unload() to keep the adapter's "
+                "weights)" if peft_config is None else
+                "train HD-PiSSA with this LoraConfig's settings via hdpissa_config=HDPiSSAConfig.from_peft(peft_config)")
+        raise ValueError(f"Both {given} and {what} were given. Either leave out {given} to train the PEFT adapter "
+                         f"exactly as the parent trainer does, or {hint}.")
+    return "peft"
+
+
 class _FoldCallback(TrainerCallback):
     """Calls the trainer's fold right after ``optimizer.step()`` (before scheduler, logging and saving)."""
 
     def __init__(self, trainer: HDPiSSATrainerMixin):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # fp16: every device's GradScaler skips together, so a skipped step is skipped everywhere (amp.py).
+        agree_on_skip(getattr(self.trainer.accelerator, "scaler", None), self.trainer.optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.hdpissa_after_optimizer_step()
@@ -66,21 +104,26 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             ``hdpissa_config``'s r, alpha, targets and dropout) or ``"full"`` fine-tuning.
         save_dtype: dtype of the FINAL merged model written by ``save_model`` (default: the training dtype).
             Checkpoints always keep the training precision.
+
+    A ``peft_config`` (or a ``PeftModel`` as ``model``) without ``hdpissa_config`` keeps the parent's meaning: that PEFT
+    adapter is trained exactly as the parent trainer trains it, and the log says HD-PiSSA is not used
+    (``HDPiSSAConfig.from_peft(lora_config)`` gives HD-PiSSA with its settings). Both together are an error.
     """
 
-    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
+    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str | None = None,
                  save_dtype: torch.dtype | None = None, **kwargs):
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-        self.method = method
+        parent_init = inspect.signature(super().__init__)
+        bound = parent_init.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in parent_init.parameters})
+        given = bound.arguments
+        self.method = resolve_method(method, hdpissa_config, given.get("peft_config"), given.get("model"))
         self.hdpissa_config = hdpissa_config or HDPiSSAConfig()
         self.save_dtype = save_dtype
-        takes_peft_config = "peft_config" in inspect.signature(super().__init__).parameters
-        if method in ("pissa", "lora"):
-            if kwargs.get("peft_config") is None and takes_peft_config:
-                kwargs["peft_config"] = build_peft_config(method, self.hdpissa_config)
-        elif kwargs.get("peft_config") is not None:
-            raise ValueError(f"method={method!r} does not take a peft_config (use method='lora' or 'pissa').")
+        if self.method in ("pissa", "lora") and given.get("peft_config") is None and not _is_peft_model(
+                given.get("model")) and "peft_config" in parent_init.parameters:
+            kwargs["peft_config"] = build_peft_config(self.method, self.hdpissa_config)
+        if self.method == "hdpissa":
+            training_args = given.get("args")
+            check_parallelism(training_args, given.get("model"), getattr(training_args, "world_size", 1))
         super().__init__(*args, **kwargs)
         self._hdpissa_setup()
 
@@ -88,7 +131,15 @@ class HDPiSSATrainerMixin(CheckpointMixin):
     def _hdpissa_setup(self) -> None:
         """Inject the adapters (after the parent loaded and placed the model) and keep the model out of DDP."""
         self._fold_log: list[FoldStats] = []
-        self._skipped_folds = 0
+        self._skipped_steps = 0
+        if self.method == "peft":
+            if self.accelerator.is_main_process:
+                parent = next(c for c in type(self).__mro__ if not issubclass(c, CheckpointMixin)).__name__
+                logger.warning("%s got a PEFT adapter (peft_config or a PeftModel) and no hdpissa_config: it trains "
+                               "that adapter exactly as %s does; HD-PiSSA is NOT used. For HD-PiSSA with the same "
+                               "settings pass hdpissa_config=HDPiSSAConfig.from_peft(peft_config) instead.",
+                               type(self).__name__, parent)
+            return
         self._apply_ddp_timeout()
         if self.method != "hdpissa":
             return
@@ -97,6 +148,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
+        check_parallelism(self.args, model, world)
         self.hdpissa_check_model(model)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
@@ -133,31 +185,33 @@ class HDPiSSATrainerMixin(CheckpointMixin):
     def hdpissa_after_optimizer_step(self) -> None:
         """Fold every device's adapter deltas into W right after a real optimizer step; reset the adapters.
 
-        Called at gradient-accumulation boundaries only (``on_optimizer_step``). A device whose step was skipped
-        (fp16 GradScaler found inf/nan) contributes a zero delta; the fold runs on every rank regardless, so the
-        collective never deadlocks on a per-device decision.
+        Called at gradient-accumulation boundaries only (``on_optimizer_step``). An fp16 step skipped by the
+        GradScaler (inf/nan) is skipped by every device together (``on_pre_optimizer_step`` agreed on it), so no device
+        has a delta and nothing is folded: no collective is waited for.
         """
         if self.hdpissa_engine is None:
             return
         if self.accelerator.optimizer_step_was_skipped:
-            self._skipped_folds += 1
+            self._skipped_steps += 1
+            return
         self._fold_log.append(self.hdpissa_engine.fold())
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.hdpissa_engine is not None and "loss" in logs and self._fold_log:
-            n = len(self._fold_log)
-            logs["hdpissa/fold_seconds"] = round(sum(s.seconds for s in self._fold_log) / n, 6)
-            logs["hdpissa/gather_seconds"] = round(sum(s.gather_seconds for s in self._fold_log) / n, 6)
-            logs["hdpissa/bytes_communicated"] = self._fold_log[-1].bytes_sent + self._fold_log[-1].bytes_received
-            logs["hdpissa/collectives_per_step"] = sum(s.num_collectives for s in self._fold_log) / n
-            logs["hdpissa/update_rank"] = self._fold_log[-1].update_rank_bound
+        if self.hdpissa_engine is not None and "loss" in logs:
+            if self._fold_log:
+                n, last = len(self._fold_log), self._fold_log[-1]
+                logs["hdpissa/fold_seconds"] = round(sum(s.seconds for s in self._fold_log) / n, 6)
+                logs["hdpissa/gather_seconds"] = round(sum(s.gather_seconds for s in self._fold_log) / n, 6)
+                logs["hdpissa/bytes_communicated"] = last.bytes_sent + last.bytes_received
+                logs["hdpissa/collectives_per_step"] = sum(s.num_collectives for s in self._fold_log) / n
+                logs["hdpissa/update_rank"] = last.update_rank_bound
+                self._fold_log = []
             check = self.hdpissa_engine.last_check
             logs["hdpissa/w_check_step"] = check.step if check.step is not None else -1
             logs["hdpissa/w_check_ok"] = 1.0 if check.ok else 0.0
-            if self._skipped_folds:
-                logs["hdpissa/skipped_local_steps"] = self._skipped_folds
-            self._fold_log = []
+            if self._skipped_steps:
+                logs["hdpissa/skipped_steps"] = self._skipped_steps
         super().log(logs, *args, **kwargs)
 
     # -- model card -------------------------------------------------------------------------------------------
@@ -190,6 +244,8 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         """
         from .card import plot_training_loss, update_model_card
 
+        if self.method == "peft":
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags + ["hd-pissa"])
         if not self.is_world_process_zero():
@@ -205,29 +261,33 @@ class HDPiSSATrainerMixin(CheckpointMixin):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.
 
-        The Hub token is blanked while ``training_args.bin`` is written, so it never lands in a file.
+        The Hub token is blanked while ``training_args.bin`` is written, so it never lands in a file. With
+        ``save_on_each_node`` every node writes its own copy.
         """
         from .hub import hub_token_outside_args
 
-        with hub_token_outside_args(self):
+        with hub_token_outside_args(self), writes_on_each_node(self):
             self._save_merged(output_dir, state_dict)
 
     def _save_merged(self, output_dir: str | None, state_dict: dict | None) -> None:
+        dtype = None if self._hdpissa_in_checkpoint else self.save_dtype  # checkpoints keep the training precision
         if self.hdpissa_engine is not None and state_dict is None:
-            state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
-            return super()._save(output_dir, state_dict=state_dict)
+            return super()._save(output_dir, state_dict=self.hdpissa_engine.merged_state_dict(dtype))
         if self.method in ("pissa", "lora") and not self._hdpissa_in_checkpoint:
             # Final model of a PEFT baseline: merge on a copy so training state stays untouched.
             if self.args.should_save:
                 out = output_dir or self.args.output_dir
                 merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
-                if self.save_dtype is not None:
-                    merged.to(self.save_dtype)
+                if dtype is not None:
+                    merged.to(dtype)
                 os.makedirs(out, exist_ok=True)
                 merged.save_pretrained(out)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(out)
             return
+        if self.method == "full" and dtype is not None and state_dict is None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                          for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
         return super()._save(output_dir, state_dict=state_dict)
 
 

@@ -7,9 +7,14 @@ test_reliability*.py and test_trainer.py; here each function is checked against 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from _dist import child_env, free_port
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 from hdpissa_trl.checkpoint import (
@@ -137,3 +142,78 @@ def test_engine_state_file_holds_the_whole_config(tmp_path):
     with safe_open(tmp_path / HDPISSA_STATE_NAME, "pt") as f:
         saved = json.loads(f.metadata()["config"])
     assert saved == engine.config.to_dict()
+
+
+# -- several nodes: save_on_each_node ------------------------------------------------------------------------------
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "trainer_worker.py")
+
+
+def launch_two_nodes(model: str, node_dirs: list, rec, *args: str, timeout: float = 400) -> list[tuple[int, str]]:
+    """One process on each of two "nodes" (two `accelerate launch --num_machines 2` on this machine). Each node runs
+    in its own working directory and the worker's output_dir is RELATIVE, so each node sees its own disk: a
+    filesystem the nodes do not share."""
+    port = str(free_port())
+    procs = []
+    for node, cwd in enumerate(node_dirs):
+        os.makedirs(cwd, exist_ok=True)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", WORKER,
+               "--model", model, "--output_dir", "out", "--record_dir", str(rec), "--lr", "1e-2", *args]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail("the two-node launch hung")
+        results.append((p.returncode, out))
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+
+
+@pytest.mark.slow
+def test_save_on_each_node_gives_every_node_a_complete_checkpoint_that_resumes(tiny_model_dir, tmp_path):
+    """2 nodes, no shared filesystem, save_on_each_node=True: each node publishes its own complete checkpoint (its
+    rank's optimizer state included) and both resume from their own copy, ending with the uninterrupted run's W."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    common = ["--save_on_each_node", "--max_steps", "4", "--save_steps", "2"]
+    results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec", *common)
+    assert [code for code, _ in results] == [0, 0], [out[-3000:] for _, out in results]
+    straight = [torch.load(tmp_path / "rec" / f"rank{k}.pt", weights_only=False)["W"] for k in range(2)]
+    for k, node in enumerate(nodes):
+        ckpt = node / "out" / "checkpoint-2"
+        assert (ckpt / COMPLETE_MARKER).exists() and (ckpt / HDPISSA_STATE_NAME).exists()
+        assert sorted(p.name for p in ckpt.glob("optimizer_rank*.pt")) == [f"optimizer_rank{k}.pt"]
+        assert not list((node / "out").glob(".tmp-*"))
+    results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec2", *common, "--resume", "out/checkpoint-2")
+    assert [code for code, _ in results] == [0, 0], [out[-3000:] for _, out in results]
+    for k in range(2):
+        resumed = torch.load(tmp_path / "rec2" / f"rank{k}.pt", weights_only=False)
+        assert len(resumed["stepped"]) == 2  # steps 3 and 4 only
+        assert all(torch.equal(resumed["W"][n], w) for n, w in straight[k].items())
+
+
+@pytest.mark.slow
+def test_unshared_output_dir_without_save_on_each_node_is_a_clear_error(tiny_model_dir, tmp_path):
+    """The same two nodes with save_on_each_node=False: only rank 0 publishes, on its own disk. Node 1 stops at the
+    first checkpoint saying what is required, instead of a resume failing much later."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec", "--max_steps", "4", "--save_steps", "2",
+                               "--ddp_timeout", "60")
+    code, out = results[1]
+    assert code != 0
+    assert "is not visible on rank 1" in out and "output_dir is not on a filesystem that all nodes share" in out
+    assert "Set save_on_each_node=True" in out
+    assert (nodes[0] / "out" / "checkpoint-2" / COMPLETE_MARKER).exists()
+    assert not (nodes[1] / "out" / "checkpoint-2").exists()

@@ -29,3 +29,27 @@ def test_scale_and_help_text():
     cfg = HDPiSSAConfig(r=8, lora_alpha=16)
     assert cfg.scale == 2.0
     assert all(f.metadata.get("help") for f in fields(HDPiSSAConfig))
+
+
+def test_from_peft_maps_settings_and_refuses_what_has_no_equivalent():
+    from peft import LoraConfig
+
+    cfg = HDPiSSAConfig.from_peft(LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                                             exclude_modules=["mlp.down_proj"]))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_method) == (8, 32, 0.05, "svd")
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.exclude_modules == ["mlp.down_proj"]
+    cfg = HDPiSSAConfig.from_peft(LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa_niter_6"),
+                                  precision="bf16_sr")
+    assert (cfg.target_modules, cfg.init_method, cfg.n_iter, cfg.precision) == ("all-linear", "randomized", 6,
+                                                                                 "bf16_sr")
+    with pytest.raises(ValueError, match=r"LoraConfig.use_dora=True has no HD-PiSSA equivalent"):
+        HDPiSSAConfig.from_peft(LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    with pytest.raises(ValueError, match=r"LoraConfig.rank_pattern=\{'q_proj': 2\} has no HD-PiSSA equivalent"):
+        HDPiSSAConfig.from_peft(LoraConfig(r=4, target_modules="all-linear", rank_pattern={"q_proj": 2}))
+    with pytest.raises(ValueError, match=r"target_modules is None .*set it explicitly"):
+        HDPiSSAConfig.from_peft(LoraConfig(r=4))
+
+
+def test_to_dict_round_trips():
+    cfg = HDPiSSAConfig(r=3, lora_alpha=6, target_modules=["q_proj"], strict_rank=True, seed=9)
+    assert HDPiSSAConfig(**cfg.to_dict()) == cfg

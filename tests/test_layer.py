@@ -64,13 +64,36 @@ def test_own_slice_and_reset():
     assert torch.equal(layer.lora_A.detach(), layer.A0_all[4:6])
 
 
-def test_no_grad_path_is_base_and_dropout_only_on_adapter():
-    layer = make_layer(dropout=0.5)
+def test_lora_dropout_follows_the_lora_formula():
+    """lora_dropout means what it means in PEFT's LoRA/PiSSA: y = W_res x + b + s·B·A·drop(x) with W_res = W − s·B0A0
+    (this device's slice). Forward value, dL/dx and both adapter gradients follow from that formula with the same
+    mask; in eval mode the layer is the base layer."""
+    s, p = 1.5, 0.4
+    layer = make_layer(scale=s, dropout=p)
     layer.train()
-    x = torch.randn(2, 10)
+    x = torch.randn(3, 5, 10, requires_grad=True)
+    g = torch.randn(3, 5, 12)
+    torch.manual_seed(7)
+    y = layer(x)
+    y.backward(g)
+    torch.manual_seed(7)
+    mask = nn.functional.dropout(torch.ones_like(x), p)  # the same draw: the mask dropout applied to x
+    assert (mask == 0).any() and (mask != 0).any()
+    W, b = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+    A = layer.A0.double().clone().requires_grad_(True)
+    B = layer.B0.double().clone().requires_grad_(True)
+    xr = x.detach().double().clone().requires_grad_(True)
+    y_ref = xr @ (W - s * B.detach() @ A.detach()).t() + b + s * ((xr * mask.double()) @ A.t()) @ B.t()
+    y_ref.backward(g.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, layer.base_layer(x))  # dropout changes the value (the old behaviour ignored it)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.double(), A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), B.grad, rtol=1e-5, atol=1e-5)
+    layer.eval()
+    assert torch.equal(layer(x), layer.base_layer(x))
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x))
-    assert torch.equal(layer(x), layer.base_layer(x))  # dropout never touches the output value
 
 
 def test_rejects_non_linear():

@@ -1,5 +1,6 @@
 """Injection, target matching, errors, update rank, merge to a plain model, engine checkpoint state."""
 
+import re
 import subprocess
 import sys
 
@@ -76,11 +77,34 @@ def test_same_layers_as_the_peft_baseline(tok, arch, targets, exclude):
     assert not any("lm_head" in n or "embed" in n for n in engine.names)
 
 
-def test_k_times_r_too_large_names_layer_and_largest_r(tok):
+def test_k_times_r_too_large_fits_rank_per_layer_with_one_warning(tok, caplog):
+    """hidden 64, k/v out 32: with K=4, r=10 the k/v projections get the largest r with K·r <= 32 (8), every other
+    layer r=10; their scale follows PEFT (lora_alpha / r of the layer). One warning names the fitted layers."""
+    m = build_tiny_model("llama", tokenizer=tok)
+    with caplog.at_level("WARNING", logger="hdpissa_trl.model"):
+        e = inject_hdpissa(m, HDPiSSAConfig(r=10, lora_alpha=20), rank=0, world_size=4, show_progress=False)
+    ranks = {n: lyr.r for n, lyr in zip(e.names, e.layers)}
+    assert ranks == {n: 8 if n.endswith(("k_proj", "v_proj")) else 10 for n in e.names}
+    assert all(lyr.A0_all.shape == (4 * lyr.r, lyr.in_features) for lyr in e.layers)
+    assert {lyr.scale for lyr in e.layers if lyr.r == 8} == {2.5} and {lyr.scale for lyr in e.layers if lyr.r == 10} == {2.0}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "r=10 with K=4 does not fit" in warnings[0] and "k_proj ×2 r=8" in warnings[0]
+    assert "v_proj ×2 r=8" in warnings[0] and "strict_rank=True" in warnings[0]
+    # A layer with min(out, in) < K can hold no slice: it gets no adapter (named), the others still do.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hdpissa_trl.model"):
+        e = inject_hdpissa(build_tiny_model("llama", tokenizer=tok), HDPiSSAConfig(r=1), rank=0, world_size=40,
+                           show_progress=False)
+    assert not any(n.endswith(("k_proj", "v_proj")) for n in e.names) and len(e.names) == 10
+    assert "no adapter (min(out, in) < K): model.layers.0.self_attn.k_proj" in caplog.records[0].getMessage()
+
+
+def test_strict_rank_refuses_and_names_layer_and_largest_r(tok):
     m = build_tiny_model("llama", tokenizer=tok)  # hidden 64, k/v out = 32
     with pytest.raises(ValueError, match=r"K·r = 4·10 = 40 exceeds min\(out, in\) = 32 of layer "
                                          r"'model.layers.0.self_attn.k_proj'.*largest per-device r .* is 8"):
-        inject_hdpissa(m, HDPiSSAConfig(r=10), rank=0, world_size=4)
+        inject_hdpissa(m, HDPiSSAConfig(r=10, strict_rank=True), rank=0, world_size=4)
     # Nothing was replaced: the model is still usable as it was.
     assert not any("lora_A" in n for n, _ in m.named_parameters())
 
@@ -133,22 +157,56 @@ def test_merged_model_loads_without_hdpissa(tok, tmp_path):
 
 
 def test_engine_state_roundtrip_and_resume_errors(tok):
-    model = build_tiny_model("llama", tokenizer=tok, num_layers=1)
-    engine = inject_hdpissa(model, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
+    """load_state_dict restores what the checkpoint holds: the receiving engine starts from ANOTHER random model
+    (other W, other SVD, bf16 W with a Kahan compensation), so every equality below is the load's doing."""
+    model = build_tiny_model("llama", tokenizer=tok, num_layers=1).to(torch.bfloat16)
+    engine = inject_hdpissa(model, HDPiSSAConfig(r=2, precision="bf16_kahan"), 0, 1, show_progress=False)
     _one_step_update(model, engine)
     state = engine.state_dict()
-    other = build_tiny_model("llama", tokenizer=tok, num_layers=1)
-    e2 = inject_hdpissa(other, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
+    other = build_tiny_model("llama", tokenizer=tok, num_layers=1, seed=1).to(torch.bfloat16)
+    e2 = inject_hdpissa(other, HDPiSSAConfig(r=2, precision="bf16_kahan"), 0, 1, show_progress=False)
+    assert not torch.equal(engine.layers[0].A0_all, e2.layers[0].A0_all) and e2.step == 0
+    comp = [u.state()["compensation"] for u in engine.updaters]
+    assert any(c.abs().sum() > 0 for c in comp)  # a real compensation state to restore
     e2.load_state_dict(state)
-    for a, b in zip(engine.layers, e2.layers):
-        assert torch.equal(a.A0_all, b.A0_all) and torch.equal(a.lora_B, b.lora_B)
+    for a, b, ua, ub in zip(engine.layers, e2.layers, engine.updaters, e2.updaters):
+        assert torch.equal(a.A0_all, b.A0_all) and torch.equal(a.B0_all, b.B0_all)
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+        assert torch.equal(ua.state()["compensation"], ub.state()["compensation"])
     assert e2.step == 1
+    one = dict(tokenizer=tok, num_layers=1)
     with pytest.raises(ValueError, match="different per-device rank r"):
-        inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1), HDPiSSAConfig(r=3), 0, 1,
-                       show_progress=False).load_state_dict(state)
+        inject_hdpissa(build_tiny_model("llama", **one).to(torch.bfloat16), HDPiSSAConfig(r=3, precision="bf16_kahan"),
+                       0, 1, show_progress=False).load_state_dict(state)
     with pytest.raises(ValueError, match="different number of devices K"):
-        inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1), HDPiSSAConfig(r=2), 0, 2,
-                       show_progress=False).load_state_dict(state)
+        inject_hdpissa(build_tiny_model("llama", **one).to(torch.bfloat16), HDPiSSAConfig(r=2, precision="bf16_kahan"),
+                       0, 2, show_progress=False).load_state_dict(state)
     with pytest.raises(ValueError, match="set of adapted layers"):
-        inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=2), HDPiSSAConfig(r=2), 0, 1,
-                       show_progress=False).load_state_dict(state)
+        inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=2).to(torch.bfloat16),
+                       HDPiSSAConfig(r=2, precision="bf16_kahan"), 0, 1, show_progress=False).load_state_dict(state)
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", 8.0), ("seed", 3), ("lora_dropout", 0.1),
+                                         ("init_method", "randomized"), ("strict_rank", True)])
+def test_resume_refuses_any_config_difference_naming_the_field(tok, field, value):
+    """The whole HDPiSSAConfig is stored with the state; a resume with any field changed (the scale, the seed that
+    drives stochastic rounding, dropout, ...) is refused, naming the field and both values."""
+    engine = inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1), HDPiSSAConfig(r=2), 0, 1,
+                            show_progress=False)
+    state = engine.state_dict()
+    other = inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1),
+                           HDPiSSAConfig(r=2, **{field: value}), 0, 1, show_progress=False)
+    saved = getattr(engine.config, field)
+    with pytest.raises(ValueError, match=re.escape(f"made with HDPiSSAConfig.{field}={saved!r}, this run has "
+                                                   f"{field}={value!r}")):
+        other.load_state_dict(state)
+
+
+def test_resume_accepts_operational_changes(tok):
+    engine = inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1), HDPiSSAConfig(r=2), 0, 1,
+                            show_progress=False)
+    state = engine.state_dict()
+    changed = HDPiSSAConfig(r=2, sync_check_steps=7, bucket_size_mb=1.0, on_sync_mismatch="resync", shard_init=False)
+    other = inject_hdpissa(build_tiny_model("llama", tokenizer=tok, num_layers=1), changed, 0, 1, show_progress=False)
+    other.load_state_dict(state)
+    assert other.config.sync_check_steps == 7

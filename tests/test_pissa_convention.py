@@ -132,5 +132,5 @@ def test_checkpoint_carries_convention_and_old_ones_are_refused():
     with pytest.raises(ValueError, match="another lora_alpha convention"):
         _engine(8.0).load_state_dict({"tensors": state["tensors"],
                                       "metadata": dict(state["metadata"], factor_convention="v3")})
-    with pytest.raises(ValueError, match="lora_alpha=8.0, now lora_alpha=4"):
+    with pytest.raises(ValueError, match=r"HDPiSSAConfig.lora_alpha=8.0, this run has lora_alpha=4"):
         _engine(4.0).load_state_dict(state)

@@ -34,13 +34,13 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_trainer(model: str, out, r: int = 2, save_steps: int = 0, dataset=None, max_steps: int = 2,
-                 **cfg_kwargs) -> HDPiSSASFTTrainer:
+                 strict_rank: bool = False, **cfg_kwargs) -> HDPiSSASFTTrainer:
     cfg = SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, max_steps=max_steps, learning_rate=1e-2,
                     logging_steps=1,
                     save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
                     per_device_train_batch_size=4, **{"max_length": 32, **cfg_kwargs})
     return HDPiSSASFTTrainer(model=model, args=cfg, train_dataset=make_dataset(16) if dataset is None else dataset,
-                             hdpissa_config=HDPiSSAConfig(r=r, lora_alpha=4))
+                             hdpissa_config=HDPiSSAConfig(r=r, lora_alpha=4, strict_rank=strict_rank))
 
 
 def one_line(exc_info) -> str:
@@ -51,10 +51,11 @@ def one_line(exc_info) -> str:
 
 # -- adapter shape -----------------------------------------------------------------------------------------------
 
-def test_r_too_large_for_a_layer_fails_at_construction(tiny_model_dir, tmp_path):
-    """K=1, r=40 > min(out, in)=32 of k_proj: refused when the trainer is built, before any step."""
+def test_r_too_large_for_a_layer_with_strict_rank_fails_at_construction(tiny_model_dir, tmp_path):
+    """K=1, r=40 > min(out, in)=32 of k_proj with strict_rank: refused when the trainer is built, before any step
+    (without strict_rank that layer gets r=32, see test_model.py)."""
     with pytest.raises(ValueError) as e:
-        make_trainer(tiny_model_dir, tmp_path, r=40)
+        make_trainer(tiny_model_dir, tmp_path, r=40, strict_rank=True)
     assert one_line(e).startswith("K·r = 1·40 = 40 exceeds min(out, in) = 32 of layer 'model.layers.0.self_attn.k_proj'")
     assert "largest per-device r that fits this layer with K=1 is 32" in str(e.value)
 
@@ -95,7 +96,7 @@ def test_dataset_without_sft_columns_names_its_columns(tmp_path):
     with pytest.raises(DataError) as e:
         make_trainer(str(tmp_path / "no-model"), tmp_path, dataset=ds)
     assert one_line(e).startswith("The train dataset has columns ['question', 'answer']; SFT needs 'prompt'+"
-                                  "'completion', 'messages' or 'text'")
+                                  "'completion', 'messages', 'conversations' (ShareGPT from/value) or 'text'")
 
 
 def test_all_examples_truncated_away_is_a_clear_error(tiny_model_dir, tmp_path):

@@ -35,6 +35,8 @@ def make_dataset(n: int = 96, fmt: str = "prompt_completion") -> Dataset:
         elif fmt == "messages":
             rows.append({"messages": [{"role": "user", "content": prompt},
                                       {"role": "assistant", "content": completion}]})
+        elif fmt == "conversations":  # ShareGPT style
+            rows.append({"conversations": [{"from": "user", "value": prompt}, {"from": "assistant", "value": completion}]})
         else:
             rows.append({"prompt": prompt, "completion": completion})
     return Dataset.from_list(rows)
@@ -47,6 +49,8 @@ class Recorder(TrainerCallback):
         self.trainer = trainer
         self.first_grads = None
         self.stepped = []  # per optimizer step: {name: (A, B)} of this device
+        self.steps = []  # per optimizer step: see on_step_end
+        self.A_wrapped = None
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         eng = self.trainer.hdpissa_engine
@@ -59,6 +63,21 @@ class Recorder(TrainerCallback):
         if self.first_grads is None and eng is not None:
             self.first_grads = {n: (lyr.lora_A.grad.clone(), lyr.lora_B.grad.clone())
                                 for n, lyr in zip(eng.names, eng.layers)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """After the model was prepared (wrapped, if anything wrapped it): each device's adapter slice then."""
+        eng = self.trainer.hdpissa_engine
+        if eng is not None:
+            self.A_wrapped = {n: lyr.lora_A.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Per optimizer step, after the fold: skipped?, loss scale, learning rate, W checksums."""
+        eng, acc = self.trainer.hdpissa_engine, self.trainer.accelerator
+        scaler = getattr(acc, "scaler", None)
+        self.steps.append({"skipped": acc.optimizer_step_was_skipped,
+                           "scale": scaler.get_scale() if scaler is not None else None,
+                           "lr": self.trainer.lr_scheduler.get_last_lr()[0],
+                           "checksums": eng.checksums() if eng is not None else None})
 
 
 class StopAfter(TrainerCallback):
@@ -73,7 +92,7 @@ class StopAfter(TrainerCallback):
             control.should_save = True
 
 
-FAULTS = ("backward", "fold", "checkpoint", "hang", "exit", "perturb")
+FAULTS = ("backward", "fold", "checkpoint", "hang", "exit", "perturb", "inf")
 
 
 def install_fault(trainer, spec: str, record_dir: str) -> None:
@@ -86,7 +105,9 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
       ``.tmp-checkpoint-STEP``, the HD-PiSSA state and the completion marker are not;
     * ``hang`` / ``exit``: sleep for an hour / ``os._exit(3)`` right before the fold of step STEP (the other ranks
       wait in the fold's all-gather);
-    * ``perturb``: add 1e-3 to one entry of the first adapted layer's W after step STEP (a device that drifted).
+    * ``perturb``: add 1e-3 to one entry of the first adapted layer's W after step STEP (a device that drifted);
+    * ``inf``: an inf gradient of the last adapted layer's lora_A in the backward of step STEP (fp16 overflow on one
+      device; with ``--grad_scaler`` its GradScaler finds it).
     """
     kind, step, rank = spec.split(":")
     step, rank = int(step), int(rank)
@@ -105,7 +126,15 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
         if kind in ("backward", "fold", "checkpoint"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if kind == "backward":
+    if kind == "inf":
+        def inf_hook(grad):
+            if trainer.state.global_step == step - 1:
+                fire("inf gradient injected in backward")
+                return torch.full_like(grad, float("inf"))
+            return grad
+
+        eng.layers[-1].lora_A.register_hook(inf_hook)
+    elif kind == "backward":
         def hook(grad):
             if trainer.state.global_step == step - 1:  # global_step counts completed steps
                 fire("in backward, from the gradient hook of the last adapted layer's lora_A")
@@ -176,6 +205,8 @@ def main() -> None:
     ap.add_argument("--on_sync_mismatch", default="raise")
     ap.add_argument("--hub_token", default=None)
     ap.add_argument("--hub_model_id", default=None, help="push to this repo (hub_strategy='checkpoint')")
+    ap.add_argument("--grad_scaler", action="store_true", help="an fp16-style GradScaler (CPU), as on a GPU")
+    ap.add_argument("--save_on_each_node", action="store_true")
     args = ap.parse_args()
 
     cfg = SFTConfig(
@@ -183,7 +214,8 @@ def main() -> None:
         per_device_train_batch_size=4, gradient_accumulation_steps=args.grad_accum, logging_steps=1,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
         max_length=32, seed=7, optim=args.optim, lr_scheduler_type="cosine", warmup_steps=1, dataloader_num_workers=0,
-        max_grad_norm=1.0, ddp_timeout=args.ddp_timeout, hub_token=args.hub_token,
+        max_grad_norm=0.0 if args.grad_scaler else 1.0, ddp_timeout=args.ddp_timeout, hub_token=args.hub_token,
+        save_on_each_node=args.save_on_each_node,
         push_to_hub=args.hub_model_id is not None, hub_model_id=args.hub_model_id, hub_strategy="checkpoint",
         log_level="info" if args.hub_token else "passive",
     )
@@ -199,6 +231,12 @@ def main() -> None:
         trainer.add_callback(StopAfter(args.stop_after))
     if args.fault:
         install_fault(trainer, args.fault, args.record_dir)
+    if args.grad_scaler:
+        # accelerate makes a GradScaler only for fp16 on a GPU; this CPU one takes its place (backward scales the
+        # loss, the prepared optimizer steps through it), so a GPU fp16 run's skip logic runs here.
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    forwards = []
+    trainer.model.register_forward_pre_hook(lambda module, inputs: forwards.append(1) if module.training else None)
     rank = trainer.accelerator.process_index
     eng = trainer.hdpissa_engine
     record = {"world_size": trainer.accelerator.num_processes, "args_world_size": trainer.args.world_size,
@@ -218,6 +256,9 @@ def main() -> None:
         record["checksums"] = eng.checksums()
     record["first_grads"] = rec.first_grads
     record["stepped"] = rec.stepped
+    record["steps"] = rec.steps
+    record["A_wrapped"] = rec.A_wrapped
+    record["forwards"] = len(forwards)
     record["log_history"] = trainer.state.log_history
     trainer.save_model()
     if args.hub_model_id:
