@@ -31,7 +31,7 @@ from .reference import (
     save_synced_reference,
     use_merged_weight_ref_sync,
 )
-from .trainer import HDPiSSATrainerMixin
+from .trainer import HDPiSSATrainerMixin, _is_peft_model
 
 MIXIN_ARGUMENTS = ("hdpissa_config", "method", "save_dtype")
 
@@ -47,10 +47,8 @@ def bind_arguments(fn, args: tuple, kwargs: dict) -> dict:
 
 def starts_from_plain_model(kwargs: dict) -> bool:
     """True when the run trains the model itself (HD-PiSSA or full), not a PEFT adapter given or built for it."""
-    from accelerate.utils import is_peft_model
-
     return (kwargs.get("method") in (None, "hdpissa", "full") and kwargs.get("peft_config") is None
-            and not is_peft_model(kwargs.get("model")))
+            and not _is_peft_model(kwargs.get("model")))
 
 
 class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):

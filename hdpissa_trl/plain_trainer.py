@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from .trainer import HDPiSSATrainerMixin, build_peft_config
+from .trainer import HDPiSSATrainerMixin, _is_peft_model, build_peft_config
 
 
 class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
@@ -29,9 +29,7 @@ class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
     """
 
     def __init__(self, model=None, *args, **kwargs):
-        from accelerate.utils import is_peft_model
-
-        if kwargs.get("method") in ("pissa", "lora") and model is not None and not is_peft_model(model):
+        if kwargs.get("method") in ("pissa", "lora") and model is not None and not _is_peft_model(model):
             from peft import get_peft_model
 
             from .config import HDPiSSAConfig
