@@ -173,3 +173,19 @@ def test_synced_reference_is_checkpointed_and_resumed_exactly(tiny_model_dir, tm
     (ckpt / "reference_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="sync_ref_model=True: .*reference_model.safetensors is missing"):
         run(tmp_path / "split", resume=str(ckpt))
+
+
+def test_peft_config_keeps_dpotrainers_meaning(tiny_model_dir, tmp_path):
+    """A LoraConfig without hdpissa_config is trained exactly as DPOTrainer trains it (HD-PiSSA not used); with an
+    hdpissa_config as well it is a clear error."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = HDPiSSADPOTrainer(model=tiny_model_dir, args=dpo_config(tmp_path), train_dataset=demo_pairs(8),
+                                peft_config=lora)
+    assert trainer.method == "peft" and trainer.hdpissa_engine is None
+    trainer.train()
+    assert first_loss(trainer) == pytest.approx(math.log(2.0), abs=1e-6)  # TRL's reference: the adapter disabled
+    with pytest.raises(ValueError, match="Both hdpissa_config and peft_config were given"):
+        HDPiSSADPOTrainer(model=tiny_model_dir, args=dpo_config(tmp_path), train_dataset=demo_pairs(8),
+                          peft_config=lora, hdpissa_config=HDPiSSAConfig(r=2))

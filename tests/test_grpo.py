@@ -124,3 +124,20 @@ def test_adapted_output_head_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="output head 'lm_head' is not supported with GRPOTrainer"):
         HDPiSSAGRPOTrainer(model=tiny_model_dir, reward_funcs=digit_reward, args=grpo_config(tmp_path),
                            train_dataset=demo_prompts(), hdpissa_config=HDPiSSAConfig(r=2, target_modules=["lm_head"]))
+
+
+def test_peft_model_as_model_is_trained_as_grpotrainer_would(tiny_model_dir, tmp_path):
+    """A PeftModel passed as the model keeps GRPOTrainer's meaning: its adapter is trained, no HD-PiSSA layer is
+    injected into PEFT's own lora_A / lora_B linears."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    trainer = HDPiSSAGRPOTrainer(model=model, reward_funcs=digit_reward, args=grpo_config(tmp_path, max_steps=1),
+                                 train_dataset=demo_prompts())
+    assert trainer.method == "peft" and trainer.hdpissa_engine is None
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert before and all(".lora_" in n for n in before)
+    assert not any("base_layer.base_layer" in n or "A0_all" in n for n, _ in model.named_parameters())
+    assert any(not torch.equal(p, model.get_parameter(n)) for n, p in before.items())
