@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .distributed import world_and_rank
+
 
 def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_iter: int = 4,
                          seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +52,8 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
     Must be called by all ranks with the same list of weights (same shapes, same order). Without an initialised
     process group it simply factors everything locally.
     """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
+    world, rank = world_and_rank()
+    distributed = world > 1
     owners = [(i % world) if shard else 0 for i in range(len(weights))]
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
     mine = [i for i in range(len(weights)) if not distributed or owners[i] == rank]

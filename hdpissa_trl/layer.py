@@ -32,7 +32,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
     """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):  # noqa: D401
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):
         y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype, like a plain Linear
         # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B.
         with torch.autocast(device_type=x.device.type, enabled=False):

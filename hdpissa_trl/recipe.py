@@ -210,10 +210,3 @@ def _looks_like_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)

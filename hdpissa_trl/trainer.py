@@ -31,9 +31,10 @@ from trl import SFTTrainer
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
 from .config import HDPiSSAConfig
+from .distributed import is_distributed
+from .fold import FoldStats
 from .model import find_target_modules, inject_hdpissa
 from .parallel import check_parallelism
-from .sync import FoldStats
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             return
         model = self.accelerator.unwrap_model(self.model)
         world = self.accelerator.num_processes
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
+        if is_distributed() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
         check_parallelism(self.args, model, world)
@@ -175,7 +176,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         transformers passes ``ddp_timeout`` to ``init_process_group`` on GPUs but not with ``use_cpu=True``: the gloo
         group then keeps torch's 30-minute default, and a hung process stalls the others that long.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        if not is_distributed() or dist.get_backend() != "gloo":
             return
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
