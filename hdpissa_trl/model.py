@@ -72,6 +72,20 @@ def find_target_modules(model: nn.Module, config: HDPiSSAConfig) -> list[tuple[s
     return found
 
 
+def check_slices_fit(targets: list[tuple[str, nn.Module]], K: int, r: int) -> None:
+    """K devices' slices must be disjoint singular directions: ``K·r <= min(m, n)`` for every target."""
+    for name, module in targets:
+        m, n = module.out_features, module.in_features
+        if K * r > min(m, n):
+            largest = min(m, n) // K
+            raise ValueError(
+                f"K·r = {K}·{r} = {K * r} exceeds min(out, in) = {min(m, n)} of layer {name!r} "
+                f"(shape {m}x{n}): the K devices' slices must be disjoint singular directions. The largest "
+                f"per-device r that fits this layer with K={K} is {largest}"
+                + (" (none: use fewer devices or exclude this layer)." if largest == 0 else ".")
+            )
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -103,37 +117,31 @@ class HDPiSSAEngine:
         self.last_check: dict = {"step": None, "ok": None, "resynced": []}
 
         targets = find_target_modules(model, config)
-        K, r = self.world_size, config.r
-        for name, module in targets:
-            m, n = module.out_features, module.in_features
-            if K * r > min(m, n):
-                largest = min(m, n) // K
-                raise ValueError(
-                    f"K·r = {K}·{r} = {K * r} exceeds min(out, in) = {min(m, n)} of layer {name!r} "
-                    f"(shape {m}x{n}): the K devices' slices must be disjoint singular directions. The largest "
-                    f"per-device r that fits this layer with K={K} is {largest}"
-                    + (" (none: use fewer devices or exclude this layer)." if largest == 0 else ".")
-                )
+        check_slices_fit(targets, self.world_size, config.r)
         check_precision_supported(config.precision, {name: module.weight for name, module in targets})
         for p in model.parameters():
             p.requires_grad_(False)
+        self.names: list[str] = []
+        self.layers: list[HDPiSSALinear] = []
+        self.updaters: list[WeightUpdater] = []
+        self._inject(targets, show_progress)
+        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
+        self.check_consistency(step=0, on_mismatch="raise")
 
+    def _inject(self, targets: list[tuple[str, nn.Module]], show_progress: bool) -> None:
+        """Factor every target (each layer on one rank, broadcast) and swap in the HD-PiSSA layers."""
+        config, K, r = self.config, self.world_size, self.config.r
         factors = distributed_init_factors(
             [mod.weight for _, mod in targets], K * r, config.init_method, config.n_iter, config.seed,
             shard=config.shard_init, show_progress=show_progress,
         )
-        self.names: list[str] = []
-        self.layers: list[HDPiSSALinear] = []
-        self.updaters: list[WeightUpdater] = []
         for i, ((name, module), (A0_all, B0_all)) in enumerate(zip(targets, factors)):
             layer = HDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
             layer.set_initial_factors(A0_all.to(layer.A0_all.device), B0_all.to(layer.B0_all.device))
-            _set_submodule(model, name, layer)
+            _set_submodule(self.model, name, layer)
             self.names.append(name)
             self.layers.append(layer)
             self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i))
-        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
-        self.check_consistency(step=0, on_mismatch="raise")
 
     # -- training ----------------------------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -259,8 +267,16 @@ def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = N
                    group=None, show_progress: bool = True) -> HDPiSSAEngine:
     """Turn ``model`` into an HD-PiSSA model for device ``rank`` of ``world_size`` (in place); returns the engine.
 
-    The engine is also attached as ``model.hdpissa_engine``.
+    The engine is also attached as ``model.hdpissa_engine``. A model already sharded with FSDP2 (DTensor weights,
+    ``fully_shard``) gets the :class:`~hdpissa_trl.sharded.ShardedHDPiSSAEngine`: each rank folds only its rows of W.
     """
-    engine = HDPiSSAEngine(model, config, rank, world_size, group, show_progress)
+    from torch.distributed.tensor import DTensor
+
+    engine_cls = HDPiSSAEngine
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from .sharded import ShardedHDPiSSAEngine
+
+        engine_cls = ShardedHDPiSSAEngine
+    engine = engine_cls(model, config, rank, world_size, group, show_progress)
     model.hdpissa_engine = engine  # type: ignore[attr-defined]
     return engine
