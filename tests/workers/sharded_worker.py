@@ -52,9 +52,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--inter", type=int, default=48)
     ap.add_argument("--kv_heads", type=int, default=2)
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--mp_bf16", action="store_true", help="MixedPrecisionPolicy(param_dtype=bf16) on the sharded model")
+    ap.add_argument("--dtypes", default="fp32",
+                    help="per dtype a replicated run and a sharded run per scheme; bf16: bf16 weights with the fp32 "
+                         "master (precision='fp32') and MixedPrecisionPolicy(param_dtype=bf16) on the sharded model")
     ap.add_argument("--schemes", default="all_gather,all_to_all")
     ap.add_argument("--no_replicated", action="store_true")
     ap.add_argument("--save_at", type=int, default=0, help="write a sharded checkpoint after this many steps")
@@ -65,24 +65,25 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    dtype = DTYPES[args.dtype]
     record: dict = {"rank": rank, "world": world, "error": None}
 
     def config(scheme: str) -> HDPiSSAConfig:
-        return HDPiSSAConfig(r=args.lora_r, lora_alpha=args.alpha, precision=args.precision, sharded_comm=scheme,
+        return HDPiSSAConfig(r=args.lora_r, lora_alpha=args.alpha, precision="fp32", sharded_comm=scheme,
                              sync_check_steps=1)
 
     runs = {}
-    if not args.no_replicated:
-        model = make_model(args.hidden, args.inter, args.kv_heads, dtype)
-        runs["replicated"] = (model, inject_hdpissa(model, config("auto"), show_progress=False))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if args.mp_bf16 else None
-    for scheme in args.schemes.split(","):
-        model = shard_model(make_model(args.hidden, args.inter, args.kv_heads, dtype), mesh=mesh, mp_policy=mp)
-        runs[scheme] = (model, inject_hdpissa(model, config(scheme), show_progress=False))
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        if not args.no_replicated:
+            model = make_model(args.hidden, args.inter, args.kv_heads, dtype)
+            runs[f"{dname}/replicated"] = (model, inject_hdpissa(model, config("auto"), show_progress=False))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if dtype == torch.bfloat16 else None
+        for scheme in args.schemes.split(","):
+            model = shard_model(make_model(args.hidden, args.inter, args.kv_heads, dtype), mesh=mesh, mp_policy=mp)
+            runs[f"{dname}/{scheme}"] = (model, inject_hdpissa(model, config(scheme), show_progress=False))
     optims = {name: torch.optim.AdamW(eng.adapter_parameters(), lr=args.lr, weight_decay=0.0)
               for name, (_, eng) in runs.items()}
-    first = args.schemes.split(",")[0]
+    first = next(name for name in runs if not name.endswith("/replicated"))
     start = 0
     if args.resume:
         try:
@@ -113,7 +114,7 @@ def main() -> None:
             save_sharded_checkpoint(os.path.join(args.out, "ckpt"), runs[first][1], optims[first])
     record["W"] = {}
     for name, (_, eng) in runs.items():
-        if name == "replicated":
+        if name.endswith("/replicated"):
             record["W"][name] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
             record.setdefault("master", {})[name] = {n: upd.master.clone() for n, upd in zip(eng.names, eng.updaters)
                                                      if upd.master is not None}
@@ -123,8 +124,8 @@ def main() -> None:
         masters = {n: entry["precision_master"].full_tensor() for n, entry in eng.state_dict()["layers"].items()
                    if "precision_master" in entry}
         record.setdefault("master", {})[name] = masters
-        record["bytes"] = local_bytes(eng)
-        record["last_check"] = eng.last_check
+        record.setdefault("bytes", {})[name] = local_bytes(eng)
+        record.setdefault("last_check", {})[name] = eng.last_check
     record["names"] = runs[first][1].names
     if args.merged_dir:
         eng = runs[first][1]
