@@ -48,33 +48,39 @@ def _barrier(group) -> None:
 
 
 def save_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHDPiSSAEngine,
-                            optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
-    """Collective: write a complete checkpoint of a sharded run into ``checkpoint_dir`` (replaced if it exists).
+                            optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                            atomic: bool = True) -> None:
+    """Collective: write a checkpoint of a sharded run into ``checkpoint_dir`` (replaced if it exists).
 
-    Call at an optimizer-step boundary (after the fold). ``extra``: JSON-able info stored in the metadata file.
-    The directory must be on a file system every rank can reach (shared storage across machines).
+    Call at an optimizer-step boundary (after the fold). ``extra``: JSON-able info stored in the metadata file. With
+    ``atomic`` the files go to a hidden sibling directory renamed into place, with the ``CHECKPOINT_COMPLETE`` marker,
+    once every rank finished; ``atomic=False`` writes into ``checkpoint_dir`` directly (for a caller such as the
+    trainer that already writes into a temporary directory and marks it complete itself). The directory must be on a
+    file system every rank can reach (shared storage across machines).
     """
     group, rank = engine.group, dist.get_rank(engine.group)
     final = os.path.abspath(os.fspath(checkpoint_dir))
     parent, name = os.path.split(final)
-    tmp = os.path.join(parent, f".tmp-{name}")
+    target = os.path.join(parent, f".tmp-{name}") if atomic else final
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that crashed: never complete, never resumed
+        if atomic:
+            shutil.rmtree(target, ignore_errors=True)  # leftover of a save that crashed: never complete
     _barrier(group)
-    dcp.save(_checkpoint_state(engine, optimizer), checkpoint_id=tmp, process_group=group)
+    dcp.save(_checkpoint_state(engine, optimizer), checkpoint_id=target, process_group=group)
     _barrier(group)
     if rank == 0:
         meta = {"format": FORMAT, **engine.metadata(), "has_optimizer": optimizer is not None, "extra": extra or {}}
-        with open(os.path.join(tmp, META_NAME), "w") as f:
+        with open(os.path.join(target, META_NAME), "w") as f:
             json.dump(meta, f, indent=2)
-        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-            f.write(str(engine.step))
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if atomic:
+            with open(os.path.join(target, COMPLETE_MARKER), "w") as f:
+                f.write(str(engine.step))
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(target, final)
     _barrier(group)
 
 
@@ -124,22 +130,28 @@ def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def load_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHDPiSSAEngine,
-                            optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Collective: restore W, the engine state and this device's optimizer state; returns the checkpoint metadata.
-
-    Clear errors for an incomplete checkpoint, one of another K / r / precision / layer set, or a missing
-    optimizer state. Resume is exact: the next steps give the same bits as an uninterrupted run.
-    """
-    checkpoint_dir = os.fspath(checkpoint_dir)
+def _validated_metadata(checkpoint_dir: str, engine: ShardedHDPiSSAEngine) -> dict:
     if not os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER)):
         raise ValueError(f"Checkpoint {checkpoint_dir} is incomplete (no {COMPLETE_MARKER}): it was interrupted while "
                          f"being written. Resume from an earlier checkpoint.")
     meta = read_sharded_metadata(checkpoint_dir)
     if meta is None or meta.get("format") != FORMAT:
         raise ValueError(f"{checkpoint_dir} is not a sharded HD-PiSSA checkpoint (no {META_NAME} of format "
-                         f"{FORMAT!r}); a replicated run's checkpoint is resumed without FSDP.")
+                         f"{FORMAT!r}). A checkpoint of a run with replicated W resumes without FSDP; one of a run "
+                         f"with FSDP2 resumes with FSDP2.")
     check_resumable(meta, engine, checkpoint_dir)
+    return meta
+
+
+def load_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHDPiSSAEngine,
+                            optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Collective: restore W, the engine state and (given ``optimizer``) this device's optimizer state.
+
+    Returns the checkpoint metadata. Clear errors for an incomplete checkpoint or one of another K / r / precision /
+    layer set, before anything is loaded. Resume is exact: the next steps give the same bits as an uninterrupted run.
+    """
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    meta = _validated_metadata(checkpoint_dir, engine)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise ValueError(f"Cannot resume the optimizer from {checkpoint_dir}: it was saved without optimizer state.")
     if optimizer is not None:
@@ -151,3 +163,17 @@ def load_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHD
         optimizer.load_state_dict(state[f"optimizer_rank{engine.rank}"])
     engine.check_consistency(engine.step, on_mismatch="raise")
     return meta
+
+
+def load_sharded_optimizer(checkpoint_dir: str | os.PathLike, engine: ShardedHDPiSSAEngine,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Collective: restore only this device's optimizer state (the trainer loads it after the model)."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    meta = _validated_metadata(checkpoint_dir, engine)
+    if not meta.get("has_optimizer"):
+        raise ValueError(f"Cannot resume the optimizer from {checkpoint_dir}: it was saved without optimizer state.")
+    _materialize_optimizer_state(optimizer)
+    key = f"optimizer_rank{engine.rank}"
+    state = {key: optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint_dir, process_group=engine.group)
+    optimizer.load_state_dict(state[key])

@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .config import HDPiSSAConfig
+from .fsdp import requested_fsdp_plugin, shard_like_accelerate
 from .model import HDPiSSAEngine, inject_hdpissa
 from .sync import FoldStats
 
@@ -97,6 +98,11 @@ class HDPiSSATrainerMixin:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
+        plugin = requested_fsdp_plugin(self.args, self.accelerator)
+        if plugin is not None:
+            # W sharded by rows: shard the frozen model as accelerate's FSDP2 would, THEN create the adapters, so
+            # FSDP never manages them (no reduce-scatter of their gradients, no broadcast of rank 0's slices).
+            model = shard_like_accelerate(model, self.accelerator, plugin)
         self._check_targets(model)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
@@ -210,6 +216,37 @@ class HDPiSSATrainerMixin:
                           model_name=model_name or os.path.basename(os.path.abspath(out)))
 
     # -- saving -----------------------------------------------------------------------------------------------
+    @property
+    def _hdpissa_sharded(self) -> bool:
+        from .sharded import ShardedHDPiSSAEngine
+
+        return isinstance(self.hdpissa_engine, ShardedHDPiSSAEngine)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """With W sharded (FSDP2) every rank takes part: the merged model is gathered onto rank 0 tensor by tensor
+        and written there as plain safetensors shards. Inside a checkpoint W is not gathered at all (its rows are in
+        the checkpoint's torch.distributed.checkpoint files)."""
+        if not self._hdpissa_sharded:
+            return super().save_model(output_dir, _internal_call)
+        if getattr(self, "_in_checkpoint", False):
+            return
+        state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Sharded W: the optimizer states go into the checkpoint's DCP files (one key per device); the scheduler
+        is written as usual."""
+        if not self._hdpissa_sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            from transformers.trainer import SCHEDULER_NAME
+
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.
 
@@ -330,6 +367,11 @@ class HDPiSSATrainerMixin:
         os.makedirs(ckpt_dir, exist_ok=True)
         if self.hdpissa_engine is None:
             return
+        if self._hdpissa_sharded:
+            from .sharded_checkpoint import save_sharded_checkpoint
+
+            save_sharded_checkpoint(ckpt_dir, self.hdpissa_engine, self.optimizer, atomic=False)
+            return
         rank = self.accelerator.process_index
         torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, f"optimizer_rank{rank}.pt"))
         if self.args.should_save:
@@ -342,9 +384,22 @@ class HDPiSSATrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.hdpissa_engine is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._hdpissa_sharded:
+            from .sharded_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(resume_from_checkpoint, self.hdpissa_engine)
+            return
         load_hdpissa_checkpoint(self.hdpissa_engine, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self._hdpissa_sharded:
+            from transformers.trainer import SCHEDULER_NAME
+
+            from .sharded_checkpoint import load_sharded_optimizer
+
+            load_sharded_optimizer(checkpoint, self.hdpissa_engine, self.optimizer)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            return
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.hdpissa_engine is None:
             return
