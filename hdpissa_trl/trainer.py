@@ -106,6 +106,12 @@ class HDPiSSATrainerMixin:
         self._check_targets(model)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+        self.accelerator.print(
+            f"HD-PiSSA: K={world} devices (torch.distributed world size {world}, backend {backend}), "
+            + ("W sharded by rows with FSDP2 (each rank folds 1/K of every weight)." if plugin is not None
+               else "W replicated on every device.")
+        )
         if getattr(self.args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
             # Frozen embeddings give hidden states without grad; reentrant checkpointing would then drop the
             # adapter gradients inside checkpointed blocks (PEFT does the same).
