@@ -23,11 +23,11 @@ SHORT = ["--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3", "--
          "--eval_tasks", "", "--per_device_train_batch_size", "4"]
 
 
-def launch(config: str, output_dir, *overrides: str, nproc: int = 2, timeout: float = 600):
+def launch(config: str, output_dir, *overrides: str, nproc: int = 2, timeout: float = 600, env=None):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(nproc),
            "--main_process_port", str(free_port()), SCRIPT, "--config", "recipes/demo/config.yaml",
            "--output_dir", str(output_dir), *SHORT, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -47,12 +47,22 @@ def losses(out) -> list[float]:
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
+TOKEN = "hf_fsdp2_secret_token_42"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 4 steps replicated (cpu.yaml) and sharded (cpu_fsdp2.yaml), checkpoints every 2 steps."""
+    """The same 4 steps replicated (cpu.yaml) and sharded (cpu_fsdp2.yaml), checkpoints every 2 steps; the sharded
+    run pushes its merged model to a local server speaking the Hub API."""
+    from hub_server import run_hub_server
+
     base = tmp_path_factory.mktemp("fsdp")
     rep = launch("recipes/accelerate_configs/cpu.yaml", base / "replicated")
-    shd = launch("recipes/accelerate_configs/cpu_fsdp2.yaml", base / "sharded")
+    with run_hub_server(base / "hub", token=TOKEN) as server:
+        env = server.client_env(base / "hf_home", base=child_env(), with_token=False)
+        shd = launch("recipes/accelerate_configs/cpu_fsdp2.yaml", base / "sharded", "--push_to_hub", "true",
+                     "--hub_model_id", "test-user/hd-fsdp2", "--hub_token", TOKEN, env=env)
+        shd.pushed = server.repo_files("test-user/hd-fsdp2")
     return base, rep, shd
 
 
@@ -70,6 +80,24 @@ def test_fsdp2_recipe_equals_replicated(runs):
     state = json.loads((base / "sharded" / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "loss" in h]
     assert all(h["hdpissa/collectives_per_step"] == 2 for h in logged)  # all_gather(dA) + all_to_all(dB rows)
+
+
+@pytest.mark.slow
+def test_fsdp2_push_to_hub_pushes_the_merged_model(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    base, _, proc = runs
+    files = proc.pushed
+    assert {"config.json", "tokenizer.json", "README.md"} <= set(files)
+    assert not any(f.endswith(".distcp") or f.startswith("checkpoint-") or "optimizer" in f for f in files)
+    for path in files.values():
+        assert TOKEN.encode() not in path.read_bytes()
+    pushed = {}
+    for name, path in files.items():
+        if name.endswith(".safetensors"):
+            pushed.update(load_file(str(path)))
+    local = weights(base / "sharded")
+    assert sorted(pushed) == sorted(local) and all(torch.equal(pushed[k], local[k]) for k in local)
 
 
 # -- several machines, on one host -------------------------------------------------------------------------------

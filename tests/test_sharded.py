@@ -161,7 +161,7 @@ def test_k4_uneven_rows_and_bf16_master(tmp_path):
     the fp32 master sharded and FSDP2's MixedPrecisionPolicy(param_dtype=bf16)."""
     hidden, inter, kv = 24, 50, 1
     recs = run(tmp_path, 4, "--steps", "3", "--lora_r", "1", "--lr", str(LR), "--hidden", str(hidden), "--inter",
-               str(inter), "--kv_heads", str(kv), "--dtypes", "fp32,bf16")
+               str(inter), "--kv_heads", str(kv), "--dtypes", "fp32,bf16", "--perturb_a0_rank", "3")
     model = make_model(hidden, inter, kv)
     names = recs[0]["names"]
     assert shard_rows(model.get_submodule("model.layers.0.self_attn.k_proj").out_features, 4) == [
@@ -185,3 +185,28 @@ def test_k4_uneven_rows_and_bf16_master(tmp_path):
                 assert rel(master, master_ref) <= 1e-6, (scheme, n)
                 assert torch.equal(rec["W"][scheme][n], master.to(torch.bfloat16))
     assert not torch.equal(recs[0]["A_init"]["fp32/all_to_all"], recs[3]["A_init"]["fp32/all_to_all"])
+    # The replicated state (A0 of every slice) is checked across ranks: a drift on rank 3 is named, or re-synced.
+    layer = recs[0]["names"][1]
+    for rec in recs:
+        assert "WeightMismatchError" in rec["mismatch"]["raise"] and repr(layer) in rec["mismatch"]["raise"]
+        assert rec["mismatch"]["resync"] == [layer]
+        assert torch.equal(rec["A0_after_resync"], recs[0]["A0_after_resync"])
+
+
+def test_shard_rows_follow_fsdp2_layout():
+    """FSDP2 shards with torch.chunk (empty trailing shards when the rows run out); shard_rows must agree."""
+    for m in range(0, 40):
+        for K in (1, 2, 3, 4, 8):
+            chunks = list(torch.arange(m).chunk(K)) if m else []
+            chunks += [torch.arange(0)] * (K - len(chunks))
+            want = [(int(c[0]), int(c[-1]) + 1) if len(c) else None for c in chunks]
+            got = shard_rows(m, K)
+            assert [g if g[1] > g[0] else None for g in got] == want, (m, K)
+            assert sum(b - a for a, b in got) == m
+
+
+def test_init_rounds_give_each_rank_at_most_one_layer():
+    from hdpissa_trl.sharded import _rounds
+
+    assert _rounds([0, 1, 2, 0, 1, 2, 0]) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert _rounds([0, 0, 0]) == [[0], [1], [2]]  # shard_init=False: rank 0 factors one layer at a time

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--save_at", type=int, default=0, help="write a sharded checkpoint after this many steps")
     ap.add_argument("--resume", default="", help="resume the (first) sharded run from this checkpoint")
     ap.add_argument("--merged_dir", default="")
+    ap.add_argument("--perturb_a0_rank", type=int, default=-1,
+                    help="after training, this rank perturbs one A0 of the first sharded run: check raise and resync")
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -127,6 +129,21 @@ def main() -> None:
         record.setdefault("bytes", {})[name] = local_bytes(eng)
         record.setdefault("last_check", {})[name] = eng.last_check
     record["names"] = runs[first][1].names
+    if args.perturb_a0_rank >= 0:
+        eng = runs[first][1]
+        record["mismatch"] = {}
+        for mode in ("raise", "resync"):
+            if rank == args.perturb_a0_rank:
+                with torch.no_grad():
+                    eng.layers[1].A0_all[0, 0] += 1e-3
+            try:
+                record["mismatch"][mode] = eng.check_consistency(on_mismatch=mode)
+            except Exception as exc:  # recorded for the test to assert on
+                record["mismatch"][mode] = f"{type(exc).__name__}: {exc}"
+                if rank == args.perturb_a0_rank:
+                    with torch.no_grad():
+                        eng.layers[1].A0_all[0, 0] -= 1e-3
+        record["A0_after_resync"] = eng.layers[1].A0_all.clone()
     if args.merged_dir:
         eng = runs[first][1]
         state = eng.merged_state_dict()
