@@ -1,1 +1,1 @@
-"""Benchmark scripts (run them as ``python bench/<name>.py``; see BENCHMARKS.md)."""
+"""Benchmark scripts: run them from the repository root as ``python -m bench.<name>`` (see BENCHMARKS.md)."""

@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts: where a run happened, model presets, method set-up, launching, output.
 
-Nothing here is timed. Every script imports this module, whether it runs as ``python bench/X.py``, under torchrun,
+Nothing here is timed. Every script imports this module, whether it runs as ``python -m bench.X``, under torchrun,
 or as ``bench.X`` from the smoke test.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -19,7 +17,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from hdpissa_trl.distributed import world_and_rank
+from hdpissa_trl.launch import REPO_ROOT
+
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 
@@ -237,17 +237,13 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     """
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
+    cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
+                        n_iter=n_iter, precision=precision, sync_check_steps=0)
     if name == "hdpissa":
-        cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
-                            n_iter=n_iter, precision=precision, sync_check_steps=0)
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
 
-        def fold():
-            st = engine.fold()
-            return {"seconds": st.seconds, "gather_seconds": st.gather_seconds, "bytes_sent": st.bytes_sent,
-                    "num_collectives": st.num_collectives}
-
-        return MethodSetup(name, model, engine.adapter_parameters(), after_step=fold, engine=engine)
+        return MethodSetup(name, model, engine.adapter_parameters(), after_step=lambda: engine.fold().to_dict(),
+                           engine=engine)
     if name == "official":
         from bench.official_style import inject_official_style
 
@@ -256,12 +252,11 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
         return MethodSetup(name, model, off.adapter_parameters(), after_step=off.fold,
                            after_backward=off.rescale_gradients, engine=off)
     if name in ("lora", "pissa"):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        init = True if name == "lora" else ("pissa" if init_method == "svd" else f"pissa_niter_{n_iter}")
-        cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
-                         init_lora_weights=init, task_type="CAUSAL_LM")
-        inner = get_peft_model(model, cfg)
+        from hdpissa_trl.trainer import build_peft_config  # the trainer's own baselines: same layers, same init
+
+        inner = get_peft_model(model, build_peft_config(name, cfg))
     elif name == "full":
         inner = model
         for p in inner.parameters():
@@ -279,12 +274,13 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
 
 def allreduce_mean_grads(params) -> None:
     """Average gradients over ranks in one flat all_reduce (the arithmetic of DDP, without its overlap)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world, _ = world_and_rank()
+    if world == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
+    flat.div_(world)
     off = 0
     for g in grads:
         g.copy_(flat[off:off + g.numel()].view_as(g))
@@ -316,42 +312,6 @@ def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:
     for name in block_linear_names(setup.inner):
         out[name] = setup.inner.get_submodule(name).weight.detach().float().clone()
     return out
-
-
-# ----------------------------------------------------------------------------------------------------- launching
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(threads: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1")
-    return env
-
-
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 600, threads: int = 1,
-             echo: bool = False) -> subprocess.CompletedProcess:
-    """Run ``script`` under ``torch.distributed.run`` with ``nproc`` local CPU processes (gloo); raise on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, *args]
-    proc = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout)
-    if echo and proc.stdout:
-        print(proc.stdout, end="", flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun of {os.path.basename(script)} with {nproc} processes failed "
-                           f"({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def init_worker() -> tuple[int, int]:
-    """Initialise gloo from torchrun's environment; returns ``(rank, world)``."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def rss_bytes() -> int:

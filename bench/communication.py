@@ -4,8 +4,8 @@ Measured with real gloo processes for K = 2 and 4: every ``torch.distributed`` c
 calls and the bytes of the buffers it moves, around the fold that follows each optimizer step. K = 8 (and a
 Llama-3.1-8B-shaped model) are computed by the formula, which is first checked against the measured K = 2, 4 numbers.
 
-    python bench/communication.py                     # preset "cpu" model, K = 2, 4 measured, 8 computed
-    python bench/communication.py --preset tiny --nproc 2
+    python -m bench.communication                     # preset "cpu" model, K = 2, 4 measured, 8 computed
+    python -m bench.communication --preset tiny --nproc 2
 
 Formula, per optimizer step and per device, for adapted layers of shapes (m_i × n_i) and per-device rank r,
 P = 4 bytes · Σ_i r·(m_i + n_i) (one device's fp32 ``dA, dB`` of every layer):
@@ -22,16 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     build_llama,
     env_info,
     env_line,
@@ -43,9 +39,9 @@ from bench._common import (  # noqa: E402
     quiet_hf,
     save_figure,
     setup_method,
-    torchrun,
     write_json,
 )
+from hdpissa_trl.launch import torchrun
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_gather_object")
@@ -179,7 +175,7 @@ def run_measured(K: int, preset: str, r: int, steps: int, timeout: float = 600) 
         path = os.path.join(tmp, "cfg.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(cfg, f)
-        torchrun(os.path.abspath(__file__), K, ["--worker", path], timeout=timeout)
+        torchrun(__spec__.name, K, ["--worker", path], timeout=timeout)  # this module, run with -m
         with open(cfg["out"], encoding="utf-8") as f:
             raw = json.load(f)
     out = {"K": K}

@@ -7,8 +7,8 @@ Test matrices are ``W = U diag(σ) Vᵀ`` with random orthogonal ``U, V`` and a 
 (trained weights decay slowly; α = 0.5 by default, 1.0 as a faster-decaying contrast), so the true top-k singular
 subspaces are known exactly. Timings are interleaved (rotating order) and repeated; medians reported.
 
-    python bench/init_svd.py                          # 1024², 2048², 4096²; K·r = 32 and 128
-    python bench/init_svd.py --sizes 512 1024 --reps 1
+    python -m bench.init_svd                          # 1024², 2048², 4096²; K·r = 32 and 128
+    python -m bench.init_svd --sizes 512 1024 --reps 1
 
 Agreement with the true top-k subspace: principal angles θ between the estimated and the true right (and left)
 singular subspaces; ``mean cos²θ`` (1 = identical subspaces), ``min cos²θ`` (worst direction), the worst
@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     env_info,
     env_line,
     finish_env,
@@ -37,7 +33,7 @@ from bench._common import (  # noqa: E402
     save_figure,
     write_json,
 )
-from hdpissa_trl.init import top_singular_factors  # noqa: E402
+from hdpissa_trl.init import top_singular_factors
 
 # label -> (init_method, n_iter, oversampling q). q=None is the engine's own choice (K·r + 8).
 METHODS = {"exact": ("svd", 0, None), "rand n_iter=2": ("randomized", 2, None),

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hdpissa_trl.distributed import world_and_rank
+
 TINY = 1e-16
 
 
@@ -70,8 +72,8 @@ class OfficialStyleState:
     def fold(self) -> dict:
         """Per layer: all_gather dA, dB, A, B (4 collectives), then ``W += s·Σ_k (B_k A_k − B0_k A0_k)``."""
         t0 = time.perf_counter()
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        world = dist.get_world_size() if distributed else 1
+        world, _ = world_and_rank()
+        distributed = world > 1
         gather_s, ncoll, sent = 0.0, 0, 0
         for layer in self.layers:
             sl = slice(layer.rank * layer.r, (layer.rank + 1) * layer.r)

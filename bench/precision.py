@@ -5,8 +5,8 @@ compensation), ``bf16_sr`` (bf16 W, stochastic rounding), ``model`` (plain bf16 
 reference: the same model kept in fp32. Single process (K = 1), the multi-task demo data (``bench/_tasks.py``), the
 same batches for every mode, all modes stepped INTERLEAVED (so their fold times are comparable), two learning rates.
 
-    python bench/precision.py
-    python bench/precision.py --steps 50 --lrs 1e-4
+    python -m bench.precision
+    python -m bench.precision --steps 50 --lrs 1e-4
 
 Reported: bytes per adapted weight entry and in total (weights + precision state + adapters) measured from the
 engine's tensors, and projected to the "1b" preset; final eval loss; and how well the accumulated update survives:
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     PRESETS,
     env_info,
     env_line,
@@ -40,7 +36,7 @@ from bench._common import (  # noqa: E402
     save_figure,
     write_json,
 )
-from hdpissa_trl import HDPiSSAConfig, inject_hdpissa  # noqa: E402
+from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
 # (label, model dtype, precision mode)
 MODES = [

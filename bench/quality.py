@@ -14,9 +14,9 @@ learning rate for the task and K (``DEFAULT_LR``, picked by ``--sweep``). Also t
 the accumulated update ΔW = W_final − W_init per method (numerical rank and entropy effective rank computed with
 ``hdpissa_trl.analysis.update_spectrum``), and PNG plots of loss curves and spectra.
 
-    python bench/quality.py                          # K = 1, 2, 4; 3 seeds; ~7-10 min on 2 CPU cores
-    python bench/quality.py --nproc 1 2 --seeds 0 --steps 40      # quick look
-    python bench/quality.py --sweep                  # the learning-rate probe behind DEFAULT_LR (K = 1, 2, 4)
+    python -m bench.quality                          # K = 1, 2, 4; 3 seeds; ~7-10 min on 2 CPU cores
+    python -m bench.quality --nproc 1 2 --seeds 0 --steps 40      # quick look
+    python -m bench.quality --sweep                  # the learning-rate probe behind DEFAULT_LR (K = 1, 2, 4)
 """
 
 from __future__ import annotations
@@ -24,17 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     METHOD_LABELS,
     allreduce_mean_grads,
     block_linear_names,
@@ -47,10 +43,10 @@ from bench._common import (  # noqa: E402
     quiet_hf,
     save_figure,
     setup_method,
-    torchrun,
     write_json,
 )
-from hdpissa_trl.analysis.update_spectrum import effective_rank, numerical_rank  # noqa: E402
+from hdpissa_trl.analysis.update_spectrum import effective_rank, numerical_rank
+from hdpissa_trl.launch import torchrun
 
 METHODS = ("hdpissa", "lora", "pissa", "full")
 TASK_NAMES = ("teacher_student", "multitask")
@@ -183,7 +179,7 @@ def run_K(K: int, cfg: dict, timeout: float = 1800) -> list[dict]:
         path = os.path.join(tmp, "cfg.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(cfg, f)
-        torchrun(os.path.abspath(__file__), K, ["--worker", path], timeout=timeout, echo=True)
+        torchrun(__spec__.name, K, ["--worker", path], timeout=timeout, echo=True)  # this module, with -m
         with open(cfg["out"], encoding="utf-8") as f:
             return json.load(f)
 

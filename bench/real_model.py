@@ -11,10 +11,10 @@ K worker processes and the launcher); per method it computes the spectrum of W_f
 After each run it also scores the saved merged model by held-out completion loss (``--heldout_tasks``), and the
 summary adds a table of per-seed differences to ``--paired_reference`` (same seed = same batches).
 
-    nice -n 5 python bench/real_model.py --configs hdpissa2 hdpissa4 pissa2 lora2 full2 --seeds 0 1 2 \
+    nice -n 5 python -m bench.real_model --configs hdpissa2 hdpissa4 pissa2 lora2 full2 --seeds 0 1 2 \
         --lora_r 2 --max_steps 20 --work_dir WORK_DIR
     # exploration without generation scoring, into bench/results/real_model_r1:
-    nice -n 5 python bench/real_model.py --lora_r 1 --eval_tasks --results_name real_model_r1 --work_dir WORK_DIR_R1
+    nice -n 5 python -m bench.real_model --lora_r 1 --eval_tasks --results_name real_model_r1 --work_dir WORK_DIR_R1
 
 Runs already finished in ``--work_dir`` (their ``record.json`` exists) are reused, so a long comparison can be
 done in pieces (``--configs hdpissa2 pissa2``) and then summarised with one last call.
@@ -31,10 +31,8 @@ import sys
 import threading
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from bench._common import FIGURES_DIR, child_env, env_info, env_line, finish_env, free_port, load_average, mean_std  # noqa: E402
+from bench._common import FIGURES_DIR, REPO_ROOT, env_info, env_line, finish_env, load_average, mean_std
+from hdpissa_trl.launch import child_env, free_port
 
 RESULTS = os.path.join(REPO_ROOT, "bench", "results", "real_model")
 RECIPE = "recipes/smollm2-135m/multitask.yaml"

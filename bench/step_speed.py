@@ -4,9 +4,9 @@ Same Llama-style model (built from a config), same data, same r, same batch for 
 each process at once and are timed INTERLEAVED (round-robin, rotating order), so load from other jobs on the
 machine hits them alike; medians over all measured steps, a step counted as slow as its slowest rank.
 
-    python bench/step_speed.py                      # CPU: gloo, 2 and 4 processes, preset "cpu"
-    python bench/step_speed.py --nproc 2 --rounds 2 --steps 2 --no-memory   # quicker
-    python bench/step_speed.py --device cuda --backend nccl --dtype bf16 --preset 1b --nproc 1 --batch 4 --seq 1024
+    python -m bench.step_speed                      # CPU: gloo, 2 and 4 processes, preset "cpu"
+    python -m bench.step_speed --nproc 2 --rounds 2 --steps 2 --no-memory   # quicker
+    python -m bench.step_speed --device cuda --backend nccl --dtype bf16 --preset 1b --nproc 1 --batch 4 --seq 1024
 
 Per method it reports forward+backward time (data-parallel baselines include their DDP gradient all-reduce there),
 optimizer(+fold) time, the fold and gather time, and memory: bytes of weights / gradients / optimizer state /
@@ -20,17 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     METHOD_LABELS,
     build_llama,
     env_info,
@@ -45,9 +41,10 @@ from bench._common import (  # noqa: E402
     rss_bytes,
     save_figure,
     setup_method,
-    torchrun,
     write_json,
 )
+from hdpissa_trl.distributed import world_and_rank
+from hdpissa_trl.launch import child_env, torchrun
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,7 +115,7 @@ def train_step(setup, opt, batches: list, device: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     wait = 0.0
-    if setup.after_step is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if setup.after_step is not None and world_and_rank()[0] > 1:
         # The fold's gather is the first point where the ranks meet: without this barrier its time would include
         # waiting for the slowest rank (load skew), which is not communication. Timed apart as `wait`; it stays
         # in the step time (DDP baselines pay the same skew inside their backward all-reduce).
@@ -297,7 +294,8 @@ def _run_worker(args, nproc: int, extra: dict, timeout: float = 600) -> dict:
         cfg_path = os.path.join(tmp, "worker.json")
         with open(cfg_path, "w", encoding="utf-8") as f:
             json.dump(cfg, f)
-        torchrun(os.path.abspath(__file__), nproc, ["--worker", cfg_path], timeout=timeout, threads=args.threads)
+        torchrun(__spec__.name, nproc, ["--worker", cfg_path], timeout=timeout,  # this module, with -m
+                 env=child_env(threads=args.threads))
         with open(cfg["out"], encoding="utf-8") as f:
             return json.load(f)
 

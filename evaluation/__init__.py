@@ -4,20 +4,25 @@ Independent of ``hdpissa_trl`` on purpose: it evaluates whatever ``AutoModelForC
 and models trained elsewhere are measured by the same code. Metrics are local ``evaluate`` modules
 (``evaluation/metrics``). Heavy imports (torch, transformers) happen only when the API is first used.
 
-    from evaluation import evaluate_model
-    report = evaluate_model("path/to/model", tasks=["gsm8k", "demo=data/demo.jsonl"], limit=50)
+    from evaluation import EvalConfig, evaluate_model
+    report = evaluate_model("path/to/model", config=EvalConfig(tasks=["gsm8k", "demo=data/demo.jsonl"], limit=50))
+    report = evaluate_model("path/to/model", tasks=["gsm8k"], limit=50)  # the same, fields as keywords
 """
 
 from __future__ import annotations
 
-__all__ = ["evaluate_model", "TaskSpec", "get_task", "load_metric", "metric_path"]
+__all__ = ["EvalConfig", "evaluate_model", "save_report", "TaskSpec", "get_task", "load_metric", "metric_path"]
 
 
 def __getattr__(name: str):
-    if name == "evaluate_model":
-        from .evaluator import evaluate_model
+    if name in ("evaluate_model", "save_report"):
+        from . import evaluator
 
-        return evaluate_model
+        return getattr(evaluator, name)
+    if name == "EvalConfig":
+        from .config import EvalConfig
+
+        return EvalConfig
     if name in ("TaskSpec", "get_task"):
         from . import tasks
 

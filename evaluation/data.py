@@ -36,11 +36,6 @@ def _first_file(data_files: str | Sequence[str] | dict) -> str:
     return data_files[0]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def load_rows(dataset: str, config: str | None = None, split: str = "test",
               data_files: str | Sequence[str] | dict | None = None, task: str = "TASK",
               fields: Sequence[str] = ()) -> list[dict]:
@@ -67,8 +62,11 @@ def load_rows(dataset: str, config: str | None = None, split: str = "test",
         return [dict(row) for row in ds]
     try:
         ds = load_dataset(dataset, config, split=split)
-    except Exception as err:  # noqa: BLE001 -- any failure gets the same actionable advice
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if _offline() else "it could not be loaded"
+    except Exception as err:  # any failure gets the same actionable advice
+        from huggingface_hub import constants
+
+        offline = constants.HF_HUB_OFFLINE  # the Hub client's own reading of HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "it could not be loaded"
         wanted = f" with fields {', '.join(fields)}" if fields else ""
         raise DatasetUnavailableError(
             f"Task {task!r}: dataset {dataset!r} (config={config!r}, split={split!r}) is unavailable: {why} "

@@ -1,10 +1,12 @@
 """Batched generation and continuation log-likelihoods for any ``AutoModelForCausalLM``.
 
-Generation pads on the LEFT so every prompt ends at the same position and new tokens line up across the batch
-(right padding would put pad tokens between a short prompt and its continuation). Prompts are sorted by length so
-batches waste little padding. Stop sequences are checked on the generated text only (never across the prompt
-boundary) and the output is truncated at the first one. An optional vLLM backend is used only when ``vllm`` is
-importable and CUDA is available.
+Generation pads on the LEFT (the tokenizer's own ``pad(..., padding_side="left")``, the caller's tokenizer is not
+changed) so every prompt ends at the same position and new tokens line up across the batch. Prompts are sorted by
+length so batches waste little padding. Stop sequences are checked on the generated text only and the output is
+truncated at the first one: transformers' built-in ``stop_strings`` also match a stop string that starts in the
+prompt (a prompt ending in a newline, then ``#`` generated, is ``"\n#"``: a code completion would end at once), so a
+small criterion of our own looks at the generated tokens only. An optional vLLM backend is used only when ``vllm``
+is importable and CUDA is available.
 """
 
 from __future__ import annotations
@@ -55,15 +57,22 @@ class _StopOnStrings(StoppingCriteria):
                             device=input_ids.device)
 
 
-def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        if ids:
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(ids):] = 1
-    return input_ids.to(device), attention_mask.to(device)
+def _with_pad_token(tokenizer, pad_id: int):
+    """``tokenizer`` itself when it has a pad token, else a copy padding with ``pad_id`` (the caller's stays as is).
+
+    The pad value never reaches the model (the attention mask hides it); ``tokenizer.pad`` just needs one."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    import copy
+
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = padded.convert_ids_to_tokens(pad_id)
+    return padded
+
+
+def _pad(tokenizer, batch: list[list[int]], side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer.pad({"input_ids": batch}, padding=True, padding_side=side, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 @torch.inference_mode()
@@ -73,6 +82,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     """``num_samples`` completions per prompt (greedy when 1, sampling otherwise), truncated at ``stop``."""
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer, model)
+    padder = _with_pad_token(tokenizer, pad_id)
     limit = max(1, _max_length(model, tokenizer) - max_new_tokens)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-limit:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -88,7 +98,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
             index = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in index], pad_id, device)
+            input_ids, attention_mask = _pad(padder, [encoded[i] for i in index], "left", device)
             criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, input_ids.shape[1])]) if stop else None
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                        stopping_criteria=criteria)
@@ -104,7 +114,10 @@ def _split_continuation(tokenizer, context: str, continuation: str, add_special_
     """Token ids of context and continuation such that context + continuation tokenises as in one piece.
 
     Trailing whitespace moves from the context to the continuation (tokenizers attach spaces to the next word),
-    then the continuation's ids are whatever follows the context's ids in the joint encoding.
+    then the continuation's ids are whatever follows the context's ids in the joint encoding. This is the split of
+    EleutherAI's lm-evaluation-harness (``HFLM._encode_pair``), so multiple-choice log-likelihoods compare with its
+    numbers; one addition: when the joint encoding does not start with the context's ids, the continuation is encoded
+    on its own.
     """
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
@@ -122,6 +135,7 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     """``(sum of log p(continuation tokens | context), number of continuation tokens)`` per request."""
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer, model)
+    padder = _with_pad_token(tokenizer, pad_id)
     limit = _max_length(model, tokenizer)
     items = []
     for context, continuation in requests:
@@ -136,14 +150,9 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
             index = order[start:start + batch_size]
-            width = max(len(items[i][0]) for i in index)
-            input_ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):  # right padding: positions stay 0..len-1 without position_ids
-                ids = items[i][0]
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention_mask[row, : len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            # Right padding: positions stay 0..len-1 without position_ids.
+            input_ids, attention_mask = _pad(padder, [items[i][0] for i in index], "right", device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             for row, i in enumerate(index):
                 ids, n_cont = items[i]
                 if n_cont == 0:

@@ -1,35 +1,64 @@
 """hdpissa_trl: HD-PiSSA (High-rank Distributed PiSSA) for Hugging Face TRL.
 
-Engine (no ``transformers.Trainer`` inside): :class:`HDPiSSAConfig`, :func:`inject_hdpissa` / :class:`HDPiSSAEngine`,
-:class:`HDPiSSALinear`, :func:`fold_deltas`. Trainer: :class:`HDPiSSASFTTrainer` and the reusable
-:class:`HDPiSSATrainerMixin`.
+Engine (no ``transformers.Trainer`` inside, importable without ``trl``): :class:`HDPiSSAConfig`,
+:func:`inject_hdpissa` / :class:`HDPiSSAEngine`, :class:`HDPiSSALinear`, :func:`fold_deltas`. Trainer (imported on
+first use, it needs ``trl``): :class:`HDPiSSASFTTrainer` and the reusable :class:`HDPiSSATrainerMixin`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import HDPiSSAConfig
+from .consistency import WeightMismatchError, weight_checksums
+from .fold import FoldStats, fold_deltas
 from .init import distributed_init_factors, top_singular_factors
 from .layer import HDPiSSALinear
 from .model import HDPiSSAEngine, find_target_modules, inject_hdpissa
 from .precision import WeightUpdater, stochastic_round_to_bf16
-from .sync import FoldStats, WeightMismatchError, fold_deltas, weight_checksums
 
 __version__ = "0.1.0"
+
+# Public names whose module imports trl: loaded on first attribute access (PEP 562), so engine-only use stays light.
+_LAZY = {
+    "HDPiSSASFTTrainer": "trainer",
+    "HDPiSSATrainerMixin": "trainer",
+    "build_peft_config": "trainer",
+    "load_hdpissa_checkpoint": "trainer",
+}
+
+if TYPE_CHECKING:
+    from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint
 
 __all__ = [
     "FoldStats",
     "HDPiSSAConfig",
     "HDPiSSAEngine",
     "HDPiSSALinear",
+    "HDPiSSASFTTrainer",
+    "HDPiSSATrainerMixin",
     "WeightMismatchError",
     "WeightUpdater",
+    "build_peft_config",
     "distributed_init_factors",
     "find_target_modules",
     "fold_deltas",
     "inject_hdpissa",
+    "load_hdpissa_checkpoint",
     "stochastic_round_to_bf16",
     "top_singular_factors",
     "weight_checksums",
 ]
 
-from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint  # noqa: E402
 
-__all__ += ["HDPiSSASFTTrainer", "HDPiSSATrainerMixin", "build_peft_config", "load_hdpissa_checkpoint"]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

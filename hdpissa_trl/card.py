@@ -89,6 +89,8 @@ def update_model_card(card_path: str, info: dict[str, Any], report: dict | None 
             "Fine-tuned with **HD-PiSSA** (High-rank Distributed PiSSA, arXiv 2505.18777): each of the K devices trains",
             "its own slice of the weight's top K·r singular directions; after every optimizer step the per-device",
             "updates are gathered and folded into the full weight, so one step updates W in up to 2·K·r directions.",
+            "`lora_alpha` follows PEFT's PiSSA convention (initial factors sqrt(S/s)·Vh and U·sqrt(S/s), s = lora_alpha / r):",
+            "with one device a step equals a PEFT PiSSA step, and a step moves W in proportion to sqrt(s).",
             "This repository holds the **merged plain model**: it loads with `transformers` alone.",
         ]
     else:

@@ -17,7 +17,8 @@ class HDPiSSAConfig:
     Parameters (grouped by concern):
         Adapter shape:
             r: rank of the adapter on EACH device; K devices together own the top ``K·r`` singular directions.
-            lora_alpha: scale numerator; the update scale is ``s = lora_alpha / r``.
+            lora_alpha: scale numerator; the update scale is ``s = lora_alpha / r``. As in PEFT's PiSSA the initial
+                factors carry ``sqrt(S/s)``, so ``s·B0A0`` is the slice of W and a step moves W like ``sqrt(s)``.
             target_modules: which ``nn.Linear`` modules get adapters: a list of module-name suffixes, a regex string,
                 or ``"all-linear"`` (every linear except the output head).
             exclude_modules: name suffixes never adapted, even when ``target_modules`` matches them.
@@ -41,7 +42,8 @@ class HDPiSSAConfig:
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: s = lora_alpha / r."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scale numerator: s = lora_alpha / r, as in PEFT's PiSSA "
+                                                             "(a step moves W in proportion to sqrt(s))."})
     target_modules: list[str] | str = field(
         default="all-linear",
         metadata={"help": "Module-name suffixes (list), a regex (str), or 'all-linear' (all but the output head)."},

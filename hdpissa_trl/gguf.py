@@ -9,7 +9,8 @@ the full weights and saves them, so it needs an ordinary dense checkpoint. This 
 * converts it (:func:`convert_gguf`): dequantise, rebuild the model from its config *without* the GGUF
   ``quantization_config``, save safetensors + tokenizer + a ``gguf_source.json`` provenance file,
 * caches the conversion by the file's sha256 (:func:`cached_checkpoint`), written to a temp dir and renamed into place
-  under a file lock, so that K processes started together (``accelerate launch``) convert once and share the result.
+  under a file lock (``filelock``), so that K processes started together (``accelerate launch``) convert once and
+  share the result. The sha256 of a file is remembered by (path, size, mtime, inode): a cache hit reads no data.
 
 CLI: ``python -m hdpissa_trl.gguf SRC OUT [--gguf_file NAME] [--dtype float32|bfloat16|float16]``.
 """
@@ -24,7 +25,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,11 +36,6 @@ from typing import Any
 
 import torch
 
-try:  # POSIX only; without it the cache still works, but concurrent first conversions are not serialised.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
@@ -51,8 +46,6 @@ CACHE_ENV = "HDPISSA_CACHE"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HASH_CHUNK = 1 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Quantisation tags as they appear in file names (``model.Q4_K_M.gguf``, ``model-f16.gguf``).
-_QUANT_IN_NAME = re.compile(r"(?:^|[.\-_])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=$|[.\-])", re.IGNORECASE)
 
 
 class GGUFConversionError(ValueError):
@@ -135,12 +128,6 @@ def _import_gguf():
     return gguf
 
 
-def _quantization_from_name(name: str) -> str | None:
-    stem = name[: -len(GGUF_SUFFIX)] if name.lower().endswith(GGUF_SUFFIX) else name
-    found = _QUANT_IN_NAME.findall(stem)
-    return found[-1].upper() if found else None
-
-
 def _field_value(field: Any) -> Any:
     """A scalar/string metadata value; ``ReaderField.contents`` only exists in newer ``gguf`` releases."""
     if hasattr(field, "contents"):
@@ -177,8 +164,6 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=reader.data_offset)
         arch_field = reader.fields.get("general.architecture")
         architecture = _field_value(arch_field) if arch_field is not None else None
-        ftype_field = reader.fields.get("general.file_type")
-        file_type = int(_field_value(ftype_field)) if ftype_field is not None else None
         tensor_types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2)
         n_tensors = len(reader.tensors)
         version_field = reader.fields.get("GGUF.version")
@@ -193,18 +178,11 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     if end > size:
         raise GGUFConversionError(f"{path}: truncated GGUF file: tensor data needs {end} bytes, file has {size}")
 
-    quantization = None
-    if file_type is not None:
-        try:
-            name = gguf.LlamaFileType(file_type & ~int(getattr(gguf.LlamaFileType, "GUESSED", 1024))).name
-            quantization = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            quantization = None
-    quantization = quantization or _quantization_from_name(path.name)
-    if quantization is None and tensor_types:
-        quantization = tensor_types.most_common(1)[0][0]
-    return {"architecture": architecture, "quantization": quantization, "version": version, "n_tensors": n_tensors,
-            "size_bytes": size}
+    # The label is what the weights actually are: the most common type of the weight matrices (2-D tensors), e.g.
+    # Q4_1; the count per type is kept beside it (a "Q4_K_M" file is mostly Q4_K with some Q6_K matrices).
+    quantization = tensor_types.most_common(1)[0][0] if tensor_types else None
+    return {"architecture": architecture, "quantization": quantization, "tensor_types": dict(tensor_types),
+            "version": version, "n_tensors": n_tensors, "size_bytes": size}
 
 
 # ------------------------------------------------------------------------------------------------ conversion
@@ -219,7 +197,9 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     patched = None
-    try:  # the GGUF dequantiser uses tqdm.auto directly, not the transformers wrapper
+    # The GGUF dequantiser calls tqdm.auto directly, with no switch to turn it off (transformers' disable_progress_bar
+    # does not reach it, and tqdm reads TQDM_DISABLE only at import), so its name is pointed at a silenced tqdm.
+    try:
         import functools
 
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -245,9 +225,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_written(out: Path) -> None:
     """``save_pretrained`` silently writes nothing on a process whose torch.distributed rank is not 0: catch that."""
     if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors*")):
-        import torch.distributed as dist
+        from .distributed import world_and_rank
 
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = world_and_rank()[1]
         raise RuntimeError(f"Conversion wrote no weights to {out} (torch.distributed rank {rank}: transformers only "
                            f"saves on rank 0). Convert on the main process first, e.g. inside "
                            f"`training_args.main_process_first(local=False)`.")
@@ -315,6 +295,7 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: torc
             "gguf_file": src.name,
             "sha256": digest,
             "quantization": info["quantization"],
+            "tensor_types": info["tensor_types"],
             "architecture": info["architecture"],
             "size_bytes": info["size_bytes"],
             "dtype": _dtype_name(dtype),
@@ -351,21 +332,45 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """``flock`` on ``lock_path``; logs once when another process holds it (it is preparing ``what``: we wait)."""
-    if fcntl is None:  # pragma: no cover - non-POSIX
+def exclusive_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """An exclusive ``filelock`` on ``lock_path``; logs once when another process holds it (it is preparing
+    ``what``: we wait for it)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Another process is preparing %s; waiting for it", what)
+        lock.acquire()
+    try:
         yield
-        return
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Another process is preparing %s; waiting for it", what)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        lock.release()
+
+
+def file_sha256(path: Path, memo_dir: Path) -> str:
+    """:func:`sha256_file`, remembered in ``memo_dir`` (one small hidden JSON file per source path) by (path, size,
+    mtime, inode): an unchanged file is hashed once.
+
+    A multi-GB GGUF file takes many seconds to hash; a cache hit should not. Any change of size, modification time
+    or inode (a replaced file) hashes again, so the cache key stays the content's sha256.
+    """
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    memo = memo_dir / f".sha256-{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass  # no memo yet, or an unreadable one: hash
+    digest = sha256_file(path)
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**stamp, "sha256": digest}) + "\n")
+    os.replace(tmp, memo)
+    return digest
 
 
 def cached_checkpoint(model_name_or_path: str | os.PathLike, gguf_file: str | None = None,
@@ -379,7 +384,7 @@ def cached_checkpoint(model_name_or_path: str | os.PathLike, gguf_file: str | No
     """
     src = resolve_gguf_source(model_name_or_path, gguf_file)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    digest = sha256_file(src)
+    digest = file_sha256(src, root)
     key = f"{digest}-{_dtype_name(dtype)}"
     final = root / key
     if is_complete_checkpoint(final):

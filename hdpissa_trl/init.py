@@ -1,6 +1,8 @@
 """Initial factors: the top ``K·r`` singular directions of each weight, identical on every device.
 
-Device ``k`` owns the slice ``idx = [k·r, (k+1)·r)``: ``A0_k = sqrt(S[idx])·Vh[idx]``, ``B0_k = U[:, idx]·sqrt(S[idx])``.
+Device ``k`` owns the slice ``idx = [k·r, (k+1)·r)``: ``A0_k = sqrt(S[idx]/s)·Vh[idx]``, ``B0_k = U[:, idx]·sqrt(S[idx]/s)``
+with ``s = lora_alpha / r``: PEFT's PiSSA convention, so ``s·B0_k A0_k`` is exactly the slice's part of W, the
+per-step change of W grows like ``sqrt(s)`` (not ``s``), and with K = 1 one step equals one PEFT PiSSA step.
 Singular vectors are only defined up to sign (and rotation inside repeated singular values), so two devices that
 factor the same matrix independently may disagree; each layer is therefore factored on ONE rank and broadcast.
 With ``shard_init`` layer ``i`` is factored on rank ``i mod K`` so the K devices split the work.
@@ -13,10 +15,11 @@ import torch.distributed as dist
 
 
 def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_iter: int = 4,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(A0_all, B0_all)`` of shapes ``(k, n)`` and ``(m, k)`` from the top-``k`` SVD of ``weight`` (fp32).
 
-    ``B0_all @ A0_all`` is the best rank-``k`` approximation of ``weight``.
+    ``scale · B0_all @ A0_all`` is the best rank-``k`` approximation of ``weight`` (``scale = lora_alpha / r``, the
+    factor the fold multiplies by; PEFT's PiSSA divides the singular values by it the same way).
     """
     w = weight.detach().to(torch.float32)
     if method == "svd":
@@ -33,14 +36,15 @@ def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_it
         U, S, Vh = U[:, :k], S[:k], V[:, :k].t()
     else:
         raise ValueError(f"Unknown init method {method!r}; use 'svd' or 'randomized'.")
-    root = S.sqrt()
+    root = (S / scale).sqrt()
     A0_all = (root[:, None] * Vh).contiguous()
     B0_all = (U * root[None, :]).contiguous()
     return A0_all, B0_all
 
 
 def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n_iter: int, seed: int,
-                             shard: bool, show_progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                             shard: bool, show_progress: bool = False,
+                             scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Factor every weight once and give every rank the same ``(A0_all, B0_all)``.
 
     Must be called by all ranks with the same list of weights (same shapes, same order). Without an initialised
@@ -59,7 +63,7 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
         iterator = tqdm(mine, desc="HD-PiSSA SVD init")
     # Phase 1: every rank factors its own layers (in parallel across ranks).
     for i in iterator:
-        factors[i] = top_singular_factors(weights[i], k, method, n_iter, seed + i)
+        factors[i] = top_singular_factors(weights[i], k, method, n_iter, seed + i, scale)
     # Phase 2: each layer's owner broadcasts it, so every rank holds bit-identical factors.
     if distributed:
         for i, w in enumerate(weights):

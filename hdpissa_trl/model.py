@@ -8,66 +8,63 @@ It knows nothing about ``transformers.Trainer``.
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import HDPiSSAConfig
+from .consistency import check_weights_consistent, weight_checksums
+from .distributed import world_and_rank
+from .fold import FoldStats, fold_deltas, update_rank_bound
 from .init import distributed_init_factors
 from .layer import HDPiSSALinear
 from .precision import WeightUpdater, check_precision_supported
-from .sync import FoldStats, check_weights_consistent, fold_deltas, weight_checksums
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
+# Checkpoint marker of the factor convention: A0 = sqrt(S/s)·Vh (PEFT's PiSSA). Checkpoints without it used
+# A0 = sqrt(S)·Vh, whose steps grow like s = lora_alpha / r instead of sqrt(s).
+FACTOR_CONVENTION = "peft-pissa"
 logger = logging.getLogger(__name__)
 
 
-def _matches(name: str, config: HDPiSSAConfig, output_head: set[str]) -> bool:
-    if config.exclude_modules and any(name == e or name.endswith("." + e) for e in config.exclude_modules):
-        return False
-    target = config.target_modules
-    if target == "all-linear":
-        return name not in output_head
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+def _peft_target_config(model: nn.Module, config: HDPiSSAConfig):
+    """``config``'s target and exclude settings as PEFT reads them, ``"all-linear"`` expanded by PEFT's own rule.
+
+    Matching through PEFT means HD-PiSSA and its PEFT baselines (``build_peft_config``: LoRA, PiSSA) adapt the same
+    layers by construction. ``_maybe_include_all_linear_layers`` is the function PEFT's own injection calls for
+    ``"all-linear"`` (every linear but the output head); tests/test_model.py checks both sets agree.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    peft_config = LoraConfig(target_modules=targets, exclude_modules=config.exclude_modules)
+    return _maybe_include_all_linear_layers(peft_config, model)
 
 
 def find_target_modules(model: nn.Module, config: HDPiSSAConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config.target_modules`` selects, in model order. Clear errors when none match or a match is
-    not an ``nn.Linear``."""
-    head = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out_emb is not None and module is out_emb:
-            head.add(name)
+    """The modules ``config.target_modules`` selects, in model order, matched by PEFT's rules (name or suffix list,
+    regex, ``"all-linear"``). Clear errors when none match or a match is not an ``nn.Linear``."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    peft_config = _peft_target_config(model, config)
     found = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, HDPiSSALinear):
-            continue
+        if not name or isinstance(module, HDPiSSALinear) or not check_target_module_exists(peft_config, name):
+            continue  # (an excluded module is a falsy match)
         if isinstance(module, nn.Linear):
-            if any(name.startswith(p + ".base_layer") for p, _ in found):
-                continue
-            if _matches(name, config, head):
+            if not any(name.startswith(p + ".base_layer") for p, _ in found):
                 found.append((name, module))
-        elif config.target_modules != "all-linear" and _matches(name, config, head) and not list(module.children()):
+        elif not list(module.children()):
             raise TypeError(
                 f"HD-PiSSA supports torch.nn.Linear layers only; target {name!r} is a {type(module).__name__}. "
-                f"Choose other target_modules (or 'all-linear')."
+                f"Choose target_modules that name nn.Linear layers, or leave it out with exclude_modules."
             )
     if not found:
         linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        other = sorted({type(m).__name__ for n, m in model.named_modules() if n and not list(m.children())
-                        and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
-                       - {"Linear", "Embedding"})
         hint = f" The model has nn.Linear modules named {linear_names}" if linear_names else (
             " The model has no torch.nn.Linear layers")
         hint += " (the output head is never adapted by 'all-linear')." if config.target_modules == "all-linear" else "."
-        if other:
-            hint += f" It has layer types HD-PiSSA cannot adapt (nn.Linear only): {other}."
         raise ValueError(f"No module matches target_modules={config.target_modules!r}.{hint}")
     return found
 
@@ -105,9 +102,9 @@ class HDPiSSAEngine:
 
     def __init__(self, model: nn.Module, config: HDPiSSAConfig, rank: int | None = None,
                  world_size: int | None = None, group=None, show_progress: bool = True):
-        initialized = dist.is_available() and dist.is_initialized()
-        self.world_size = world_size if world_size is not None else (dist.get_world_size(group) if initialized else 1)
-        self.rank = rank if rank is not None else (dist.get_rank(group) if initialized else 0)
+        dist_world, dist_rank = world_and_rank(group)
+        self.world_size = world_size if world_size is not None else dist_world
+        self.rank = rank if rank is not None else dist_rank
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}.")
         self.model = model
@@ -133,7 +130,7 @@ class HDPiSSAEngine:
         config, K, r = self.config, self.world_size, self.config.r
         factors = distributed_init_factors(
             [mod.weight for _, mod in targets], K * r, config.init_method, config.n_iter, config.seed,
-            shard=config.shard_init, show_progress=show_progress,
+            shard=config.shard_init, show_progress=show_progress, scale=config.scale,
         )
         for i, ((name, module), (A0_all, B0_all)) in enumerate(zip(targets, factors)):
             layer = HDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
@@ -176,7 +173,7 @@ class HDPiSSAEngine:
 
     def update_rank_bound(self) -> int:
         """The rank one step's update can reach on the smallest layer: ``min(2·K·r, m, n)``."""
-        return min(min(2 * self.world_size * lyr.r, lyr.in_features, lyr.out_features) for lyr in self.layers)
+        return update_rank_bound(self.layers, self.world_size)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -192,13 +189,17 @@ class HDPiSSAEngine:
                 tensors[f"{name}.precision.{key}"] = t.detach().cpu()
         meta = {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha)}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION}
         return {"tensors": tensors, "metadata": meta}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; refuses a checkpoint from another K, r, precision or layer set."""
         meta, tensors = state["metadata"], state["tensors"]
+        _check_factor_convention(meta)
+        if float(meta.get("lora_alpha", self.config.lora_alpha)) != float(self.config.lora_alpha):
+            raise ValueError(f"Cannot resume: the checkpoint was made with lora_alpha={meta['lora_alpha']}, now "
+                             f"lora_alpha={self.config.lora_alpha}; its factors A0, B0 depend on lora_alpha / r.")
         expected = {"world_size": str(self.world_size), "r": str(self.config.r),
                     "precision": self.config.precision, "layers": ",".join(self.names)}
         for key, want in expected.items():
@@ -261,6 +262,24 @@ class HDPiSSAEngine:
             self.model.to(dtype)
         self.layers, self.names, self.updaters = [], [], []
         return self.model
+
+
+def _check_factor_convention(meta: dict) -> None:
+    """Refuse a checkpoint whose factors follow the pre-PEFT convention (``A0 = sqrt(S)·Vh``) unless ``s = 1``, where
+    both conventions give the same factors."""
+    if meta.get("factor_convention") == FACTOR_CONVENTION:
+        return
+    s = float(meta.get("lora_alpha", "nan")) / float(meta.get("r", "nan"))
+    if meta.get("factor_convention") is None and s == 1.0:
+        return
+    raise ValueError(
+        f"Cannot resume: this checkpoint's HD-PiSSA factors follow another lora_alpha convention "
+        f"(factor_convention={meta.get('factor_convention')!r}, lora_alpha / r = {s:g}). hdpissa_trl now follows "
+        f"PEFT's PiSSA (A0 = sqrt(S/s)·Vh, per-step change of W grows like sqrt(lora_alpha / r)); resuming it now would "
+        f"silently change the run's effective learning rate. Resume it with the hdpissa_trl version that wrote it, or "
+        f"start a new run from it as a plain model (model_name_or_path = the checkpoint directory: its "
+        f"model.safetensors holds the trained W). Checkpoints made with lora_alpha = r are not affected."
+    )
 
 
 def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = None, world_size: int | None = None,

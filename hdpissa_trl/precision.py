@@ -75,6 +75,9 @@ class WeightUpdater:
     """
 
     def __init__(self, weight: torch.Tensor, mode: str, seed: int = 0, layer_index: int = 0):
+        if weight.dtype not in SUPPORTED_DTYPES.get(mode, ()):
+            raise ValueError(f"precision={mode!r} cannot update a {weight.dtype} weight (layer {layer_index}); "
+                             f"see hdpissa_trl.precision.SUPPORTED_DTYPES for the modes each dtype takes.")
         self.mode = mode
         self.seed = seed
         self.layer_index = layer_index
@@ -109,28 +112,35 @@ class WeightUpdater:
         return self.master if self.master is not None else weight
 
     @torch.no_grad()
+    def addmm(self, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, step: int) -> None:
+        """``W += alpha · left @ right`` (fp32 factors) in this mode, in place.
+
+        An fp32 weight with no master copy takes the product in place (``addmm_``: no m×n temporary); every other
+        case forms the fp32 product once and hands it to :meth:`apply`.
+        """
+        if self.master is None and weight.dtype == torch.float32:
+            weight.addmm_(left, right, alpha=alpha)
+            return
+        delta = torch.mm(left, right)
+        delta.mul_(alpha)
+        self.apply(weight, delta, step)
+
+    @torch.no_grad()
     def apply(self, weight: torch.Tensor, delta: torch.Tensor, step: int) -> None:
-        """``W += delta`` (``delta`` fp32) in this mode, in place."""
-        if self.master is not None:
+        """``W += delta`` (``delta`` fp32) in this mode, in place. The constructor refused any other dtype/mode."""
+        if self.master is not None:  # fp32 mode on a bf16/fp16 weight
             self.master.add_(delta)
             weight.copy_(self.master)
-            return
-        if weight.dtype == torch.float32 or self.mode == "model":
+        elif weight.dtype == torch.float32 or self.mode == "model":
             weight.add_(delta.to(weight.dtype))
-            return
-        if self.mode == "bf16_kahan" or (self.mode == "fp32" and self.compensation is not None):
+        elif self.compensation is not None:  # bf16_kahan on a bf16/fp16 weight
             # Kahan: y = delta - c; t = w + y; c = (t - w) - y; w = t. Done with the fp32 delta for y so the
             # small update is not rounded before it meets the compensation.
             y = delta - self.compensation.to(torch.float32)
             t = (weight.to(torch.float32) + y).to(weight.dtype)
             self.compensation.copy_(((t.to(torch.float32) - weight.to(torch.float32)) - y).to(weight.dtype))
             weight.copy_(t)
-            return
-        if self.mode == "bf16_sr":
-            if weight.dtype != torch.bfloat16:
-                raise ValueError(f"precision='bf16_sr' needs a bfloat16 weight, got {weight.dtype}.")
+        else:  # bf16_sr on a bfloat16 weight
             gen = torch.Generator(device=weight.device)
             gen.manual_seed((self.seed * 1_000_003 + step * 8191 + self.layer_index) % (2**63 - 1))
             weight.copy_(stochastic_round_to_bf16(weight.to(torch.float32) + delta, generator=gen))
-            return
-        weight.add_(delta.to(weight.dtype))

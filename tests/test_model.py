@@ -43,8 +43,37 @@ def test_unsupported_layer_type(tok):
     gpt2 = build_tiny_model("gpt2", tokenizer=tok)
     with pytest.raises(TypeError, match="supports torch.nn.Linear layers only.*Conv1D"):
         inject_hdpissa(gpt2, HDPiSSAConfig(r=2, target_modules=["c_attn"]), 0, 1)
-    with pytest.raises(ValueError, match="cannot adapt.*Conv1D"):
-        inject_hdpissa(build_tiny_model("gpt2", tokenizer=tok), HDPiSSAConfig(r=2, exclude_modules=["lm_head"]), 0, 1)
+    # 'all-linear' means what it means in PEFT (linear and Conv1D layers): the Conv1D ones are refused by name.
+    with pytest.raises(TypeError, match="target 'transformer.h.0.attn.c_attn' is a Conv1D.*exclude_modules"):
+        inject_hdpissa(build_tiny_model("gpt2", tokenizer=tok), HDPiSSAConfig(r=2), 0, 1)
+
+
+def _peft_adapted_layers(model, config) -> list[str]:
+    """The layers PEFT's LoRA baseline of ``config`` adapts (the trainer's own ``build_peft_config``)."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from hdpissa_trl import build_peft_config
+
+    peft_model = get_peft_model(model, build_peft_config("lora", config))
+    return [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("targets,exclude", [
+    ("all-linear", None),
+    ("all-linear", ["down_proj", "model.layers.1.self_attn.q_proj"]),
+    (["q_proj", "v_proj", "model.layers.1.mlp.up_proj"], None),
+    (r".*\.(k|o)_proj", None),
+    (r"model\.layers\.0\..*_proj", ["gate_proj"]),
+])
+def test_same_layers_as_the_peft_baseline(tok, arch, targets, exclude):
+    """HD-PiSSA's targets are PEFT's targets for the same settings, by construction (list, regex, all-linear)."""
+    config = HDPiSSAConfig(r=2, target_modules=targets, exclude_modules=exclude)
+    engine = inject_hdpissa(build_tiny_model(arch, tokenizer=tok), config, 0, 1, show_progress=False)
+    expected = _peft_adapted_layers(build_tiny_model(arch, tokenizer=tok), config)
+    assert engine.names == expected and len(expected) >= 2
+    assert not any("lm_head" in n or "embed" in n for n in engine.names)
 
 
 def test_k_times_r_too_large_names_layer_and_largest_r(tok):
@@ -56,7 +85,7 @@ def test_k_times_r_too_large_names_layer_and_largest_r(tok):
     assert not any("lora_A" in n for n, _ in m.named_parameters())
 
 
-def _one_step_update(model, engine, K_sim_grads):
+def _one_step_update(model, engine):
     W0 = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(engine.names, engine.layers)}
     ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -69,14 +98,14 @@ def test_one_step_update_rank_2r_single_device(tok):
     """K=1 (PiSSA / DP-LoRA with averaged grads): one step moves W in at most 2r directions."""
     model = build_tiny_model("llama", tokenizer=tok)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=3), 0, 1, show_progress=False)
-    dW = _one_step_update(model, engine, None)["model.layers.0.mlp.up_proj"]
+    dW = _one_step_update(model, engine)["model.layers.0.mlp.up_proj"]
     assert torch.linalg.matrix_rank(dW.double(), rtol=1e-6).item() == 6
 
 
 def test_merged_model_loads_without_hdpissa(tok, tmp_path):
     model = build_tiny_model("llama", tokenizer=tok)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
-    _one_step_update(model, engine, None)
+    _one_step_update(model, engine)
     ids = torch.randint(0, len(tok), (1, 7))
     with torch.no_grad():
         expect = model(ids).logits
@@ -106,7 +135,7 @@ def test_merged_model_loads_without_hdpissa(tok, tmp_path):
 def test_engine_state_roundtrip_and_resume_errors(tok):
     model = build_tiny_model("llama", tokenizer=tok, num_layers=1)
     engine = inject_hdpissa(model, HDPiSSAConfig(r=2), 0, 1, show_progress=False)
-    _one_step_update(model, engine, None)
+    _one_step_update(model, engine)
     state = engine.state_dict()
     other = build_tiny_model("llama", tokenizer=tok, num_layers=1)
     e2 = inject_hdpissa(other, HDPiSSAConfig(r=2), 0, 1, show_progress=False)

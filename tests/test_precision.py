@@ -66,3 +66,28 @@ def test_state_roundtrip_checks_mode():
     WeightUpdater(w, "bf16_kahan").load_state(st)
     with pytest.raises(ValueError, match="Precision state mismatch"):
         WeightUpdater(w, "model").load_state(st)
+
+
+def test_constructor_refuses_a_dtype_the_mode_cannot_update():
+    with pytest.raises(ValueError, match=r"precision='bf16_sr' cannot update a torch.float16 weight"):
+        WeightUpdater(torch.ones(2, 2, dtype=torch.float16), "bf16_sr")
+    with pytest.raises(ValueError, match=r"precision='bf16_kahan' cannot update a torch.float64 weight"):
+        WeightUpdater(torch.ones(2, 2, dtype=torch.float64), "bf16_kahan")
+    with pytest.raises(ValueError, match=r"precision='fp64'"):
+        WeightUpdater(torch.ones(2, 2), "fp64")
+
+
+@pytest.mark.parametrize("mode,dtype", [("fp32", torch.float32), ("fp32", torch.bfloat16), ("bf16_kahan", torch.bfloat16),
+                                        ("bf16_sr", torch.bfloat16), ("model", torch.float64)])
+def test_addmm_adds_the_scaled_product(mode, dtype):
+    """``addmm`` is ``apply`` of ``alpha·left@right`` (in place with ``addmm_`` for an fp32 weight without master)."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(32, 24, generator=g).to(dtype)
+    left, right = torch.randn(32, 4, generator=g), torch.randn(4, 24, generator=g)
+    a, b = w0.clone(), w0.clone()
+    ua, ub = WeightUpdater(a, mode, seed=1), WeightUpdater(b, mode, seed=1)
+    ua.addmm(a, left, right, 0.5, step=3)
+    ub.apply(b, 0.5 * (left @ right), step=3)
+    torch.testing.assert_close(ua.full_precision_weight(a).double(), ub.full_precision_weight(b).double(),
+                               rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+    assert not torch.equal(a, w0)

@@ -130,3 +130,65 @@ def test_demo_score_rises_from_base_to_trained(tmp_path):
     before = {t: r["value"] for t, r in results["before"]["results"].items()}
     assert sum(after.values()) / len(after) > sum(before.values()) / len(before) + 0.05, (before, after)
     assert after["text"] > before["text"]
+
+
+# -- build_tiny_model never touches a model the user named ---------------------------------------------------------
+
+def snapshot(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def gguf_dir(tmp_path):
+    d = tmp_path / "my-model"
+    d.mkdir()
+    (d / "model.Q4.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    (d / "notes.txt").write_text("mine")
+    return d
+
+
+def test_build_tiny_model_refuses_a_users_gguf_dir_and_leaves_it_untouched(gguf_dir):
+    from hdpissa_trl.recipe import resolve_model_source
+
+    before = snapshot(gguf_dir)
+    with pytest.raises(ValueError, match=r"build_tiny_model=true \(build a random demo model\) conflicts with the GGUF "
+                                         r"model you named .*gguf_file='model.Q4.gguf'.*--build_tiny_model false"):
+        resolve_model_source(str(gguf_dir), "model.Q4.gguf", build_tiny=True)
+    with pytest.raises(ValueError, match="conflicts with the GGUF model you named"):
+        resolve_model_source(str(gguf_dir / "model.Q4.gguf"), None, build_tiny=True)
+    # Without gguf_file the directory is still not a model directory: refused, named, never written into.
+    with pytest.raises(ValueError, match=r"already exists and is not a model directory \(it holds \['model.Q4.gguf', "
+                                         r"'notes.txt'\]\); hdpissa_trl never writes into or deletes it"):
+        resolve_model_source(str(gguf_dir), None, build_tiny=True)
+    assert snapshot(gguf_dir) == before
+    assert sorted(p.name for p in gguf_dir.parent.iterdir()) == ["my-model"]  # no temp dir, no lock left beside it
+
+
+def test_recipe_with_demo_yaml_and_a_users_gguf_model_stops_before_touching_it(gguf_dir):
+    """The demo YAML sets build_tiny_model: true; naming a real GGUF model on the command line must not replace it."""
+    before = snapshot(gguf_dir)
+    args = load_script().make_parser().parse_args_and_config(
+        ["--config", os.path.join(ROOT, "recipes", "demo", "config.yaml"), "--model_name_or_path", str(gguf_dir),
+         "--gguf_file", "model.Q4.gguf", "--output_dir", str(gguf_dir.parent / "out")])
+    assert args[0].build_tiny_model is True
+    with pytest.raises(ValueError, match="conflicts with the GGUF model you named"):
+        load_script().main(*args)
+    assert snapshot(gguf_dir) == before
+
+
+def test_build_tiny_model_builds_only_where_nothing_is(tmp_path):
+    from hdpissa_trl.recipe import TINY_MODEL_MARKER, ensure_tiny_model, resolve_model_source
+
+    with pytest.raises(ValueError, match=r"'org/model', which looks like a Hub model id.*--build_tiny_model false"):
+        resolve_model_source("org/model", None, build_tiny=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ensure_tiny_model(empty, hidden_size=32, intermediate_size=64) == str(empty)
+    assert (empty / "config.json").exists() and (empty / TINY_MODEL_MARKER).exists()
+    # A directory that already holds a model is the model trained: returned as it is, not rebuilt.
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    user = save_tiny_model(tmp_path / "user", "qwen2", hidden_size=32, intermediate_size=64)
+    before = snapshot(tmp_path / "user")
+    assert resolve_model_source(user, None, build_tiny=True) == (user, None)
+    assert snapshot(tmp_path / "user") == before

@@ -88,7 +88,7 @@ def main() -> None:
             before = dict(counts)
             stats = engine.fold()
             record["fold_collectives"].append({k: counts[k] - before[k] for k in counts})
-            record["stats"].append(vars(stats))
+            record["stats"].append(stats.to_dict())
             record["losses"].append(loss.item())
     except Exception as exc:  # recorded for the test to assert on
         record["error"] = f"{type(exc).__name__}: {exc}"

@@ -113,9 +113,9 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
 
         eng.layers[-1].lora_A.register_hook(hook)
     elif kind == "fold":
-        import hdpissa_trl.sync as sync
+        import hdpissa_trl.fold as fold_module
 
-        original, calls = sync.fold_layer, []
+        original, calls = fold_module.fold_layer, []
 
         def fold_layer(layer, gathered, offset, updater, fold_step):
             if fold_step == step:
@@ -124,7 +124,7 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
                     fire(f"mid-fold: deltas gathered, W of {calls[0]} updated, {layer.name} and later not yet")
             return original(layer, gathered, offset, updater, fold_step)
 
-        sync.fold_layer = fold_layer
+        fold_module.fold_layer = fold_layer
     elif kind == "checkpoint":
         original_save = trainer._save_hdpissa_state
 

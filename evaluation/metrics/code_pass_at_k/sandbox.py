@@ -397,11 +397,11 @@ def _child_main(config_path: str) -> None:
     namespace = {"__name__": "__main__", "__file__": config["program"], "__builtins__": builtins}
     try:
         exec(compile(source, config["program"], "exec"), namespace)
-    except BaseException as exc:  # noqa: BLE001 -- SystemExit too: leaving before the tests ran is not a pass
+    except BaseException as exc:  # SystemExit too: leaving before the tests ran is not a pass
         try:
             traceback.print_exc()
             sys.stderr.flush()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass
         summary = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
         write_fd(2, f"\n{RESULT_MARK}{summary}\n".encode("utf-8", errors="replace"))

@@ -1,0 +1,176 @@
+"""The fold: gather every device's adapter deltas in one collective and add them into the full weight.
+
+After an optimizer step device ``k`` holds ``A_k = A0_k + dA_k`` and ``B_k = B0_k + dB_k``. Every device already
+knows all ``A0_k, B0_k`` (from init), so only the deltas travel: one flat fp32 buffer of every layer's
+``(dA_k, dB_k)`` is ``all_gather_into_tensor``-ed once (or once per bucket under a memory cap). Then, identically on
+every device, each layer folds
+
+    W += s · Σ_k (B_k A_k − B0_k A0_k) = s · [dB_1..dB_K | B0_1..B0_K] @ [A_1..A_K ; dA_1..dA_K]
+
+as ONE GEMM of inner dimension ``2·K·r`` (the delta form avoids the cancellation of ``BA − B0A0``), and resets
+``A ← A0``, ``B ← B0``. How ``W`` absorbs the product (fp32 master, Kahan, stochastic rounding) is the
+:class:`~hdpissa_trl.precision.WeightUpdater`'s business. Same inputs in the same order on every device give the same
+bits of ``W``; :mod:`hdpissa_trl.consistency` checks that they do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import all_gather_flat, collective_errors, world_and_rank
+from .layer import HDPiSSALinear
+from .precision import WeightUpdater
+
+
+class Stopwatch:
+    """Elapsed time of work queued on ``device``.
+
+    CUDA work is asynchronous: the host clock would only measure kernel launches. There, CUDA events are recorded on
+    the device's current stream and read when :attr:`seconds` is first asked for (that read waits for the work; the
+    fold itself never blocks the host). Elsewhere, the host clock.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        self._events = None
+        self._seconds: float | None = None
+        if device is not None and device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record(stream)
+            self._stream = stream
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> Stopwatch:
+        if self._events is not None:
+            self._events[1].record(self._stream)
+        else:
+            self._seconds = time.perf_counter() - self._t0
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            start, end = self._events
+            end.synchronize()
+            self._seconds = start.elapsed_time(end) / 1e3
+        return self._seconds
+
+
+@dataclass
+class FoldStats:
+    """What one fold cost and did. ``seconds`` / ``gather_seconds`` are device time (see :class:`Stopwatch`)."""
+
+    bytes_sent: int = 0  # this device's contribution to the gather(s)
+    bytes_received: int = 0  # what this device received from the others
+    num_collectives: int = 0
+    update_rank_bound: int = 0  # min over layers of min(2·K·r, m, n): the rank one step can reach
+    fold_timer: Stopwatch | None = field(default=None, repr=False)
+    gather_timers: list[Stopwatch] = field(default_factory=list, repr=False)
+
+    @property
+    def seconds(self) -> float:
+        return self.fold_timer.seconds if self.fold_timer is not None else 0.0
+
+    @property
+    def gather_seconds(self) -> float:
+        return sum(t.seconds for t in self.gather_timers)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"seconds": self.seconds, "gather_seconds": self.gather_seconds, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received, "num_collectives": self.num_collectives,
+                "update_rank_bound": self.update_rank_bound}
+
+
+def update_rank_bound(layers: list[HDPiSSALinear], world_size: int) -> int:
+    """The rank one step's update can reach on the smallest layer: ``min(2·K·r, m, n)`` (0 without layers)."""
+    return min((min(2 * world_size * lyr.r, lyr.in_features, lyr.out_features) for lyr in layers), default=0)
+
+
+def layer_delta_numel(layer: HDPiSSALinear) -> int:
+    return layer.r * (layer.in_features + layer.out_features)
+
+
+def make_buckets(layers: list[HDPiSSALinear], bucket_bytes: int) -> list[list[int]]:
+    """Split layer indices into consecutive buckets whose fp32 delta buffers stay under ``bucket_bytes``.
+
+    ``bucket_bytes == 0`` means one bucket (one collective per step). A layer larger than the cap gets a bucket alone.
+    """
+    if bucket_bytes <= 0:
+        return [list(range(len(layers)))]
+    buckets, cur, cur_bytes = [], [], 0
+    for i, layer in enumerate(layers):
+        nbytes = layer_delta_numel(layer) * 4
+        if cur and cur_bytes + nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nbytes
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+@torch.no_grad()
+def local_delta_buffer(layers: list[HDPiSSALinear]) -> torch.Tensor:
+    """This device's ``[dA (r·n) | dB (m·r)]`` of each layer, concatenated in layer order, fp32."""
+    parts = []
+    for layer in layers:
+        parts.append((layer.lora_A - layer.A0).reshape(-1))
+        parts.append((layer.lora_B - layer.B0).reshape(-1))
+    return torch.cat(parts).to(torch.float32)
+
+
+def gather_buffers(local: torch.Tensor, group=None, step: int | None = None) -> tuple[torch.Tensor, int]:
+    """All-gather ``local`` from every rank into a ``(K, numel)`` tensor. Returns it and the number of collectives."""
+    world, _ = world_and_rank(group)
+    if world == 1:
+        return local.unsqueeze(0), 0
+    out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    with collective_errors("fold (all-gather of the adapter deltas)", step, group):
+        all_gather_flat(out, local.contiguous(), group)
+    return out.view(world, -1), 1
+
+
+@torch.no_grad()
+def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, updater: WeightUpdater, step: int) -> int:
+    """Fold one layer from the gathered ``(K, numel)`` buffer starting at ``offset``; returns the next offset."""
+    r, n, m = layer.r, layer.in_features, layer.out_features
+    K = gathered.shape[0]
+    na, nb = r * n, m * r
+    dA_all = gathered[:, offset:offset + na].reshape(K * r, n)  # rows k·r..(k+1)·r = dA_k
+    dB_all = gathered[:, offset + na:offset + na + nb].reshape(K, m, r).permute(1, 0, 2).reshape(m, K * r)
+    A_all = layer.A0_all + dA_all
+    left = torch.cat([dB_all, layer.B0_all], dim=1)  # (m, 2Kr)
+    right = torch.cat([A_all, dA_all], dim=0)  # (2Kr, n)
+    updater.addmm(layer.base_layer.weight, left, right, layer.scale, step)
+    layer.reset_adapter()
+    return offset + na + nb
+
+
+def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step: int, group=None,
+                bucket_bytes: int = 0) -> FoldStats:
+    """Gather all devices' deltas (one collective per bucket) and fold them into every layer's ``W``.
+
+    Must be called by every rank after the same optimizer step, with the same layers in the same order.
+    """
+    device = layers[0].base_layer.weight.device if layers else None
+    stats = FoldStats(fold_timer=Stopwatch(device))
+    world, _ = world_and_rank(group)
+    for bucket in make_buckets(layers, bucket_bytes):
+        local = local_delta_buffer([layers[i] for i in bucket])
+        timer = Stopwatch(device)
+        gathered, ncoll = gather_buffers(local, group, step)
+        stats.gather_timers.append(timer.stop())
+        stats.num_collectives += ncoll
+        if ncoll:
+            stats.bytes_sent += local.numel() * local.element_size()
+            stats.bytes_received += (world - 1) * local.numel() * local.element_size()
+        offset = 0
+        for i in bucket:
+            offset = fold_layer(layers[i], gathered, offset, updaters[i], step)
+    stats.update_rank_bound = update_rank_bound(layers, world)
+    stats.fold_timer.stop()
+    return stats
