@@ -1,9 +1,9 @@
 """W sharded by rows (FSDP2) vs replicated W: per-rank memory, step time and bytes; the largest model under a per-rank
 memory budget; the communication of both sharded fold schemes projected to K = 64, r = 16 on a Llama-3.1-70B shape.
 
-    python bench/sharded.py                         # K = 2, 4 with real gloo processes, preset "cpu", budget search
-    python bench/sharded.py --no-budget             # side-by-side runs only (~3 min on 2 busy cores)
-    python bench/sharded.py --quick                 # smoke: tiny preset, K = 2, 2 steps, no budget search
+    python -m bench.sharded                         # K = 2, 4 with real gloo processes, preset "cpu", budget search
+    python -m bench.sharded --no-budget             # side-by-side runs only (~3 min on 2 busy cores)
+    python -m bench.sharded --quick                 # smoke: tiny preset, K = 2, 2 steps, no budget search
 
 Every mode runs in its own ``torchrun`` job (K gloo processes, one torch thread each) on the same model shape, data and
 seeds. The replicated mode builds the whole model on every rank; the sharded mode builds it on the meta device,
@@ -30,17 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     PRESETS,
     env_info,
     env_line,
@@ -51,9 +47,9 @@ from bench._common import (  # noqa: E402
     print_table,
     quiet_hf,
     rss_bytes,
-    torchrun,
     write_json,
 )
+from hdpissa_trl.launch import torchrun
 
 MODES = ("replicated", "all_gather", "all_to_all")  # replicated W, or sharded W with one of the two fold schemes
 WRAPPED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_single",
@@ -232,7 +228,7 @@ def run_mode(mode: str, K: int, shape: dict, args, blocks: int | None = None) ->
             json.dump(cfg, f)
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # see the module docstring; the workers inherit it
         try:
-            torchrun(os.path.abspath(__file__), K, ["--worker", path], timeout=1800)
+            torchrun(__spec__.name, K, ["--worker", path], timeout=1800)  # this module, run with -m
         except RuntimeError as exc:
             if not os.path.isfile(cfg["out"]):
                 raise

@@ -26,18 +26,18 @@ every rank (checked every ``sync_check_steps`` folds).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import SHARDED_COMM as COMM_SCHEMES
+from .consistency import WeightMismatchError, tensor_checksum
+from .distributed import collective_errors
+from .fold import FoldStats, Stopwatch, gather_buffers, local_delta_buffer, make_buckets, update_rank_bound
 from .init import top_singular_factors
 from .layer import HDPiSSALinear
-from .model import HDPiSSAEngine, _set_submodule, find_target_modules
+from .model import FACTOR_CONVENTION, HDPiSSAEngine, _set_submodule, find_target_modules
 from .precision import WeightUpdater
-from .sync import FoldStats, collective_errors, gather_buffers, make_buckets
 
 SHARDED_BUFFER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_rows", "B0_own")
 
@@ -154,12 +154,13 @@ def _rounds(owners: list[int]) -> list[list[int]]:
 
 @torch.no_grad()
 def sharded_init_factors(weights: list[torch.Tensor], r: int, method: str, n_iter: int, seed: int, shard: bool,
-                         show_progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                         show_progress: bool = False,
+                         scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Factor row-sharded weights without materialising more than one full layer per rank.
 
     Layer ``i`` is owned by rank ``i mod K`` (``shard=True``) or rank 0. In each round every owner gathers ONE layer
     from the shards, factors it (top ``K·r`` directions, :func:`top_singular_factors`, same seeds as the replicated
-    engine), broadcasts ``A0_all`` and scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``.
+    engine, ``scale = lora_alpha / r``), broadcasts ``A0_all`` and scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``.
     Returns ``(A0_all, B0_rows, B0_own)`` per layer. Collective: every rank calls it with the same weights.
     """
     group, world, me = shard_group(weights[0])
@@ -181,7 +182,7 @@ def sharded_init_factors(weights: list[torch.Tensor], r: int, method: str, n_ite
         factors = None
         if mine is not None:
             i, full = mine
-            factors = top_singular_factors(full, k, method, n_iter, seed + i)
+            factors = top_singular_factors(full, k, method, n_iter, seed + i, scale)
             del full
         # 2. The owner broadcasts A0_all and scatters the B0 pieces: rank j gets B0_all[rows_j] and B0_all[:, j-slice].
         for i in batch:
@@ -249,12 +250,7 @@ def fold_rows(layer: ShardedHDPiSSALinear, dA_all: torch.Tensor, dB_rows: torch.
     if weight.shape[0]:
         left = torch.cat([dB_rows, layer.B0_rows], dim=1)  # (m_j, 2Kr)
         right = torch.cat([layer.A0_all + dA_all, dA_all], dim=0)  # (2Kr, n)
-        if updater.master is None and weight.dtype == torch.float32:
-            weight.addmm_(left, right, alpha=layer.scale)
-        else:
-            delta = torch.mm(left, right)
-            delta.mul_(layer.scale)
-            updater.apply(weight, delta, step)
+        updater.addmm(weight, left, right, layer.scale, step)
     layer.reset_adapter()
 
 
@@ -266,16 +262,14 @@ def fold_sharded(layers: list[ShardedHDPiSSALinear], updaters: list[WeightUpdate
     ``"all_to_all"``: an all-gather of the ``dA_k`` plus an all-to-all of the ``dB_k`` rows, so each rank receives
     only its rows of the B-side. Collective: every rank calls it after the same optimizer step, same layers and order.
     """
-    t0 = time.perf_counter()
-    stats = FoldStats()
+    device = layers[0].A0_all.device if layers else None
+    stats = FoldStats(fold_timer=Stopwatch(device))
     world, me = dist.get_world_size(group), dist.get_rank(group)
     scheme = choose_comm_scheme(scheme, layers, world, me)
     for bucket in make_buckets(layers, bucket_bytes):
         blayers = [layers[i] for i in bucket]
-        tg = time.perf_counter()
+        timer = Stopwatch(device)
         if scheme == "all_gather" or world == 1:
-            from .sync import local_delta_buffer
-
             local = local_delta_buffer(blayers)
             gathered, ncoll = gather_buffers(local, group, step)
             stats.bytes_sent += local.nbytes if ncoll else 0
@@ -306,15 +300,14 @@ def fold_sharded(layers: list[ShardedHDPiSSALinear], updaters: list[WeightUpdate
                 b_rows.append(recv[:, offset_b:offset_b + rows * lyr.r].reshape(world, rows, lyr.r))
                 offset_a += na
                 offset_b += rows * lyr.r
-        stats.gather_seconds += time.perf_counter() - tg
+        stats.gather_timers.append(timer.stop())
         stats.num_collectives += ncoll
         for i, lyr, a_part, b_part in zip(bucket, blayers, a_parts, b_rows):
             dA_all = a_part.reshape(world * lyr.r, lyr.in_features)  # rows k·r..(k+1)·r = dA_k
             dB_rows = b_part.permute(1, 0, 2).reshape(b_part.shape[1], world * lyr.r)  # columns k-major, like B0_rows
             fold_rows(lyr, dA_all, dB_rows, updaters[i], step)
-    stats.update_rank_bound = min((min(2 * world * lyr.r, lyr.in_features, lyr.out_features) for lyr in layers),
-                                  default=0)
-    stats.seconds = time.perf_counter() - t0
+    stats.update_rank_bound = update_rank_bound(layers, world)
+    stats.fold_timer.stop()
     return stats
 
 
@@ -329,14 +322,6 @@ def reshard_all(model: nn.Module) -> None:
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """Exact int64 checksum of a tensor's bits (position-weighted, wraps modulo 2^64)."""
-    flat = t.detach().contiguous().reshape(-1)
-    bits = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device) % 65521 + 1
-    return (bits.to(torch.int64) * weights).sum().cpu()
-
-
 def _row_dtensor(local: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """View this rank's rows ``local`` as the row-sharded DTensor of the full ``shape`` (same mesh as ``like``)."""
     from torch.distributed.tensor import DTensor, Shard
@@ -387,7 +372,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
                                  f"{self.world_size} devices (this is device {self.rank}): shard over all devices.")
         config, K, r = self.config, self.world_size, self.config.r
         factors = sharded_init_factors([mod.weight for _, mod in targets], r, config.init_method, config.n_iter,
-                                       config.seed, shard=config.shard_init, show_progress=show_progress)
+                                       config.seed, shard=config.shard_init, show_progress=show_progress,
+                                       scale=config.scale)
         for i, ((name, module), (A0_all, B0_rows, B0_own)) in enumerate(zip(targets, factors)):
             layer = ShardedHDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
             layer.set_initial_factors(A0_all, B0_rows, B0_own)
@@ -417,7 +403,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         """Checksums of the state every rank must hold identically: each layer's ``A0_all``."""
         if not self.layers:
             return torch.zeros(0, dtype=torch.int64)
-        return torch.stack([_checksum(layer.A0_all) for layer in self.layers])
+        return torch.stack([tensor_checksum(layer.A0_all).cpu() for layer in self.layers])
 
     def check_consistency(self, step: int | None = None, on_mismatch: str | None = None) -> list[str]:
         """Compare the replicated state (``A0_all``) across ranks; ``W`` rows have one owner each, nothing to compare.
@@ -425,8 +411,6 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         A mismatch raises :class:`~hdpissa_trl.sync.WeightMismatchError` naming the layer (``"raise"``) or copies
         rank 0's ``A0_all`` (``"resync"``).
         """
-        from .sync import WeightMismatchError
-
         step = self.step if step is None else step
         on_mismatch = on_mismatch or self.config.on_sync_mismatch
         resynced: list[str] = []
@@ -455,7 +439,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         """What a resume must match (K, r, precision, layers), as strings."""
         return {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha), "sharded": "rows"}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION, "sharded": "rows"}
 
     def state_dict(self) -> dict:
         """The engine's resume state for ``torch.distributed.checkpoint``, aliasing the live tensors.

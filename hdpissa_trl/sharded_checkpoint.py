@@ -104,7 +104,9 @@ def check_resumable(meta: dict, engine: ShardedHDPiSSAEngine, checkpoint_dir: st
             f"(--num_processes {meta.get('world_size')}). To continue with another K, save the merged model of that "
             f"run (save_model) and start a new run from it."
         )
-    for key, what in (("r", "per-device rank r"), ("precision", "precision mode"),
+    for key, what in (("r", "per-device rank r"), ("lora_alpha", "lora_alpha (the factors A0, B0 depend on it)"),
+                      ("factor_convention", "factor convention (another hdpissa_trl version)"),
+                      ("precision", "precision mode"),
                       ("layers", "set of adapted layers (another model or target_modules?)")):
         if meta.get(key) != now[key]:
             got, want = meta.get(key), now[key]

@@ -2,7 +2,7 @@
 
 Each run trains, in the same processes on the same data and seeds, the replicated engine and the sharded engine
 (one model per communication scheme) and compares the gathered full W; the K=2 run is also held against the slow
-reference of ``test_sync``. Checkpoints (torch.distributed.checkpoint) resume exactly; the merged model loads with
+reference of ``test_fold``. Checkpoints (torch.distributed.checkpoint) resume exactly; the merged model loads with
 plain transformers.
 """
 
@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 from _dist import torchrun
-from test_sync import reference_run
+from test_fold import reference_run
 from workers.sharded_worker import make_model
 
 from hdpissa_trl.sharded import shard_rows
