@@ -360,6 +360,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
                     f"adapted linear layers (accelerate: fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP, not "
                     f"SIZE_BASED_WRAP), so FSDP gathers W before the layer runs."
                 )
+            if getattr(module.weight, "device_mesh", None) is not None:
+                shard_group(module.weight)  # refuses a 2-D (HSDP) mesh with its own message
             if not is_row_sharded(module.weight):
                 raise ValueError(
                     f"Layer {name!r} has a {type(module.weight).__name__} weight, not an FSDP2 row shard, while other "

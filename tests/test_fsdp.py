@@ -175,3 +175,46 @@ def test_two_machines_equal_one_launch(runs, tmp_path, sharded):
     assert losses(resumed)[-2:] == losses(base / "sharded")[-2:]
     model = AutoModelForCausalLM.from_pretrained(resumed)  # plain transformers, no hdpissa_trl needed
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items() if k in ref)
+
+
+# -- settings, read before anything is sharded ---------------------------------------------------------------------
+def _accelerator(mixed_precision: str = "no"):
+    """The two attributes of an Accelerator that decide which FSDP settings apply (a CPU run: no FSDP plugin)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None), mixed_precision=mixed_precision)
+
+
+def test_fsdp_settings_come_from_the_launch_environment_or_the_training_arguments(monkeypatch):
+    from types import SimpleNamespace
+
+    from hdpissa_trl.fsdp import requested_fsdp_plugin
+
+    no_fsdp = SimpleNamespace(fsdp_plugin_args=None)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert requested_fsdp_plugin(no_fsdp, _accelerator()) is None
+    # What `accelerate launch` exports for cpu_fsdp2.yaml.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    plugin = requested_fsdp_plugin(no_fsdp, _accelerator("bf16"))
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    # SFTConfig(fsdp=..., fsdp_config={"version": 2}) as transformers turns it into plugin arguments.
+    plugin = requested_fsdp_plugin(SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}), _accelerator())
+    assert plugin.fsdp_version == 2
+
+
+def test_fsdp1_and_cpu_offload_are_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from hdpissa_trl.fsdp import requested_fsdp_plugin, shard_like_accelerate
+
+    with pytest.raises(ValueError, match="needs FSDP2.*fsdp_version=1.*fsdp_version: 2"):
+        requested_fsdp_plugin(SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1}), _accelerator())
+    offload = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True)
+    with pytest.raises(ValueError, match="CPU offload.*fsdp_offload_params: false"):
+        shard_like_accelerate(torch.nn.Linear(2, 2), _accelerator(), offload)

@@ -117,11 +117,14 @@ def test_sharded_resume_is_exact(k2, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_k_is_refused(k2, tmp_path):
+def test_resume_with_another_k_and_unsupported_layouts_are_refused(k2, tmp_path):
     out, _ = k2
     (rec,) = run(tmp_path, 1, "--steps", "4", "--lora_r", str(R), "--resume", str(out / "ckpt"),
-                 "--schemes", "all_gather", "--no_replicated")
+                 "--schemes", "all_gather", "--no_replicated", "--refusals")
     assert "written by K=2 devices, this run has K=1" in rec["error"] and "--num_processes 2" in rec["error"]
+    alone, hsdp = rec["refusals"]["linear_sharded_alone"], rec["refusals"]["two_dim_mesh"]
+    assert alone.startswith("ValueError") and "model.layers.0.mlp.up_proj" in alone and "TRANSFORMER_BASED_WRAP" in alone
+    assert hsdp.startswith("ValueError") and "2-D mesh" in hsdp and "HSDP" in hsdp
 
 
 @pytest.mark.slow

@@ -42,6 +42,32 @@ def local_bytes(engine) -> dict[str, int]:
     return {"W": w, "precision_state": state, "W_full": full}
 
 
+def refusals(args, world: int) -> dict[str, str]:
+    """Inject into sharding layouts the sharded engine cannot fold; each must fail with a clear error."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def linear_alone(model):  # what a size-based wrap policy does to a large linear: its own FSDP unit
+        fully_shard(model.model.layers[0].mlp.up_proj, mesh=mesh)
+        shard_model(model, mesh=mesh)
+
+    def two_dim_mesh(model):  # HSDP: replicate x shard
+        shard_model(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("rep", "shard")))
+
+    out = {}
+    cases = {"linear_sharded_alone": linear_alone, "two_dim_mesh": two_dim_mesh}
+    for name, shard in cases.items():
+        model = make_model(args.hidden, args.inter, args.kv_heads)
+        shard(model)
+        try:
+            inject_hdpissa(model, HDPiSSAConfig(r=args.lora_r, lora_alpha=args.alpha), show_progress=False)
+            out[name] = "no error"
+        except Exception as exc:  # recorded for the test to assert on
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -60,6 +86,8 @@ def main() -> None:
     ap.add_argument("--save_at", type=int, default=0, help="write a sharded checkpoint after this many steps")
     ap.add_argument("--resume", default="", help="resume the (first) sharded run from this checkpoint")
     ap.add_argument("--merged_dir", default="")
+    ap.add_argument("--refusals", action="store_true",
+                    help="record the errors of unsupported sharding layouts (a linear sharded on its own, a 2-D mesh)")
     ap.add_argument("--perturb_a0_rank", type=int, default=-1,
                     help="after training, this rank perturbs one A0 of the first sharded run: check raise and resync")
     args = ap.parse_args()
@@ -73,6 +101,8 @@ def main() -> None:
         return HDPiSSAConfig(r=args.lora_r, lora_alpha=args.alpha, precision="fp32", sharded_comm=scheme,
                              sync_check_steps=1)
 
+    if args.refusals:
+        record["refusals"] = refusals(args, world)
     runs = {}
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
