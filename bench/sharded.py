@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from bench._common import (
     PRESETS,
+    CollectiveTap,
     env_info,
     env_line,
     finish_env,
@@ -61,25 +62,15 @@ LLAMA31_70B = {"blocks": 80, "shapes": [(8192, 8192), (1024, 8192), (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------------------- counting
-class Traffic:
+class Traffic(CollectiveTap):
     """Bytes each rank sends to and receives from the others in the wrapped collectives, per phase."""
 
+    names = WRAPPED
+
     def __init__(self):
+        super().__init__()
         self.phase: str | None = None
         self.bytes: dict[str, dict[str, int]] = {}
-        self._orig = {}
-
-    def __enter__(self):
-        for name in WRAPPED:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                self._orig[name] = fn
-                setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._orig.items():
-            setattr(dist, name, fn)
 
     def _add(self, sent: int, received: int) -> None:
         entry = self.bytes.setdefault(self.phase, {"sent": 0, "received": 0, "calls": 0})
@@ -87,29 +78,29 @@ class Traffic:
         entry["received"] += received
         entry["calls"] += 1
 
-    def _wrap(self, name, fn):
-        def wrapped(*args, **kwargs):
-            if self.phase is not None:
-                group = kwargs.get("group")
-                world = dist.get_world_size(group)
-                nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-                if name in ("all_gather_single", "all_gather_into_tensor"):
-                    out = args[0] if args else kwargs.get("output_tensor")
-                    inp = args[1] if len(args) > 1 else kwargs.get("input_tensor")
-                    self._add(nbytes(inp) if world > 1 else 0, nbytes(out) - nbytes(inp))
-                elif name == "all_to_all_single":
-                    out, inp = args[0], args[1]
-                    me = dist.get_rank(group)
-                    in_split = kwargs.get("input_split_sizes") or [inp.shape[0] // world] * world
-                    out_split = kwargs.get("output_split_sizes") or [out.shape[0] // world] * world
-                    per = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
-                    self._add(per * (sum(in_split) - in_split[me]), per * (sum(out_split) - out_split[me]))
-                else:
-                    t = args[0] if args else None
-                    self._add(nbytes(t) if torch.is_tensor(t) else 0, nbytes(t) if torch.is_tensor(t) else 0)
-            return fn(*args, **kwargs)
+    def on_call(self, name: str, args: tuple, kwargs: dict) -> None:
+        if self.phase is None:
+            return
+        group = kwargs.get("group")
+        world = dist.get_world_size(group)
 
-        return wrapped
+        def nbytes(t):
+            return t.numel() * t.element_size()
+
+        if name in ("all_gather_single", "all_gather_into_tensor"):
+            out = args[0] if args else kwargs.get("output_tensor")
+            inp = args[1] if len(args) > 1 else kwargs.get("input_tensor")
+            self._add(nbytes(inp) if world > 1 else 0, nbytes(out) - nbytes(inp))
+        elif name == "all_to_all_single":
+            out, inp = args[0], args[1]
+            me = dist.get_rank(group)
+            in_split = kwargs.get("input_split_sizes") or [inp.shape[0] // world] * world
+            out_split = kwargs.get("output_split_sizes") or [out.shape[0] // world] * world
+            per = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
+            self._add(per * (sum(in_split) - in_split[me]), per * (sum(out_split) - out_split[me]))
+        else:
+            t = args[0] if args else None
+            self._add(nbytes(t) if torch.is_tensor(t) else 0, nbytes(t) if torch.is_tensor(t) else 0)
 
 
 def tensor_bytes(model, engine, optimizer) -> dict[str, int]:
