@@ -25,11 +25,12 @@ _LAZY = {
     "HDPiSSASFTTrainer": "trainer",
     "HDPiSSATrainerMixin": "trainer",
     "build_peft_config": "trainer",
-    "load_hdpissa_checkpoint": "trainer",
+    "load_hdpissa_checkpoint": "checkpoint",
 }
 
 if TYPE_CHECKING:
-    from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config, load_hdpissa_checkpoint
+    from .checkpoint import load_hdpissa_checkpoint
+    from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config
 
 __all__ = [
     "FoldStats",

@@ -17,6 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# What HDPiSSALinear adds to the wrapped nn.Linear (ShardedHDPiSSALinear keeps B0 as B0_rows + B0_own instead).
+ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all", "B0_rows", "B0_own")
+
+
+def plain_key(key: str) -> str | None:
+    """The state-dict key a plain model has for ``key`` of a model with HD-PiSSA layers (``x.base_layer.weight`` ->
+    ``x.weight``); None for the adapter's own tensors, which a plain model does not have."""
+    if key.rsplit(".", 1)[-1] in ADAPTER_KEYS:
+        return None
+    return key.replace(".base_layer.", ".")
+
 
 class _HDPiSSALinearFn(torch.autograd.Function):
     """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""

@@ -7,7 +7,9 @@ It knows nothing about ``transformers.Trainer``.
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,14 +19,22 @@ from .consistency import check_weights_consistent, weight_checksums
 from .distributed import world_and_rank
 from .fold import FoldStats, fold_deltas, update_rank_bound
 from .init import distributed_init_factors
-from .layer import HDPiSSALinear
+from .layer import HDPiSSALinear, plain_key
 from .precision import WeightUpdater, check_precision_supported
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
 # Checkpoint marker of the factor convention: A0 = sqrt(S/s)·Vh (PEFT's PiSSA). Checkpoints without it used
 # A0 = sqrt(S)·Vh, whose steps grow like s = lora_alpha / r instead of sqrt(s).
 FACTOR_CONVENTION = "peft-pissa"
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightCheck:
+    """The last cross-device comparison of W: at which fold, whether every layer agreed, which were re-synced."""
+
+    step: int | None = None
+    ok: bool | None = None
+    resynced: list[str] = field(default_factory=list)
 
 
 def _peft_target_config(model: nn.Module, config: HDPiSSAConfig):
@@ -111,7 +121,7 @@ class HDPiSSAEngine:
         self.config = config
         self.group = group
         self.step = 0
-        self.last_check: dict = {"step": None, "ok": None, "resynced": []}
+        self.last_check = WeightCheck()
 
         targets = find_target_modules(model, config)
         check_slices_fit(targets, self.world_size, config.r)
@@ -165,7 +175,7 @@ class HDPiSSAEngine:
         if resynced:
             logger.warning("HD-PiSSA weight mismatch at step %d on rank %d: re-synced %d layer(s) from rank 0 "
                            "(on_sync_mismatch='resync'): %s", step, self.rank, len(resynced), ", ".join(resynced))
-        self.last_check = {"step": step, "ok": not resynced, "resynced": resynced}
+        self.last_check = WeightCheck(step, not resynced, resynced)
         return resynced
 
     def checksums(self) -> torch.Tensor:
@@ -189,7 +199,8 @@ class HDPiSSAEngine:
                 tensors[f"{name}.precision.{key}"] = t.detach().cpu()
         meta = {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION,
+                "config": json.dumps(self.config.to_dict())}
         return {"tensors": tensors, "metadata": meta}
 
     @torch.no_grad()
@@ -239,11 +250,10 @@ class HDPiSSAEngine:
             full[f"{name}.base_layer.weight"] = upd.full_precision_weight(w).to(w.dtype)
         out = {}
         for key, value in self.model.state_dict().items():
-            parts = key.split(".")
-            if parts[-1] in ADAPTER_KEYS:
+            new_key = plain_key(key)
+            if new_key is None:
                 continue
             value = full.get(key, value)
-            new_key = key.replace(".base_layer.", ".")
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             out[new_key] = value

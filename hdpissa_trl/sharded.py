@@ -26,6 +26,8 @@ every rank (checked every ``sync_check_steps`` folds).
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,11 +37,9 @@ from .consistency import WeightMismatchError, tensor_checksum
 from .distributed import collective_errors
 from .fold import FoldStats, Stopwatch, gather_buffers, local_delta_buffer, make_buckets, update_rank_bound
 from .init import top_singular_factors
-from .layer import HDPiSSALinear
-from .model import FACTOR_CONVENTION, HDPiSSAEngine, _set_submodule, find_target_modules
+from .layer import HDPiSSALinear, plain_key
+from .model import FACTOR_CONVENTION, HDPiSSAEngine, WeightCheck, _set_submodule, find_target_modules
 from .precision import WeightUpdater
-
-SHARDED_BUFFER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_rows", "B0_own")
 
 
 # -- where the rows are --------------------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
                 dist.broadcast(self.layers[i].A0_all, group_src=0, group=self.group)
                 self.layers[i].reset_adapter()
                 resynced.append(self.names[i])
-        self.last_check = {"step": step, "ok": not resynced, "resynced": resynced}
+        self.last_check = WeightCheck(step, not resynced, resynced)
         return resynced
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -441,7 +441,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         """What a resume must match (K, r, precision, layers), as strings."""
         return {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION, "sharded": "rows"}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION, "sharded": "rows",
+                "config": json.dumps(self.config.to_dict())}
 
     def state_dict(self) -> dict:
         """The engine's resume state for ``torch.distributed.checkpoint``, aliasing the live tensors.
@@ -493,7 +494,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         on_rank0 = dist.get_rank(self.group) == 0
         out = {}
         for key, value in self.model.state_dict().items():
-            if key.rsplit(".", 1)[-1] in SHARDED_BUFFER_KEYS:
+            if plain_key(key) is None:
                 continue
             if is_row_sharded(value):
                 master = masters.get(key)
@@ -507,7 +508,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
             value = value.detach().cpu()
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
-            out[key.replace(".base_layer.", ".")] = value
+            out[plain_key(key)] = value
         return out
 
     @torch.no_grad()

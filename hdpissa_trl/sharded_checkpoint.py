@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .sharded import SHARDED_BUFFER_KEYS, ShardedHDPiSSAEngine, reshard_all
+from .layer import plain_key
+from .sharded import ShardedHDPiSSAEngine, reshard_all
 
 META_NAME = "hdpissa_sharded.json"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -33,7 +34,7 @@ FORMAT = "hdpissa-sharded-dcp/1"
 def _model_state(engine: ShardedHDPiSSAEngine) -> dict[str, torch.Tensor]:
     """The model's sharded state dict without the per-device adapter tensors (they are reset from the factors)."""
     reshard_all(engine.model)
-    return {k: v for k, v in engine.model.state_dict().items() if k.rsplit(".", 1)[-1] not in SHARDED_BUFFER_KEYS}
+    return {k: v for k, v in engine.model.state_dict().items() if plain_key(k) is not None}
 
 
 def _checkpoint_state(engine: ShardedHDPiSSAEngine, optimizer: torch.optim.Optimizer | None) -> dict:

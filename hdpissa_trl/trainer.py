@@ -1,45 +1,39 @@
 """Trainers: the reusable HD-PiSSA component for any ``transformers.Trainer``, and ``HDPiSSASFTTrainer``.
 
-``HDPiSSATrainerMixin`` holds the method's trainer logic in one place:
+``HDPiSSATrainerMixin`` is the method's trainer logic, self-contained (``class MyTrainer(HDPiSSATrainerMixin,
+SomeTrainer): pass`` is a whole trainer):
 
-* wrap the model after the parent built it (:meth:`_hdpissa_setup`);
-* keep the model OUT of DDP: DDP would average the per-device adapter gradients and broadcast rank 0's slices over
-  everyone's, destroying the method. Nothing but the adapters is trainable, so DDP brings nothing;
-* fold after every real optimizer step (:meth:`hdpissa_after_optimizer_step`, the one method to read);
-* checkpoint W once, all initial factors and EVERY device's optimizer state, atomically;
-* save the merged plain model.
+* set-up: after the parent built and placed the model, inject the adapters (:meth:`_hdpissa_setup`) and keep the
+  model OUT of DDP: DDP would average the per-device adapter gradients and broadcast rank 0's slices over everyone's,
+  destroying the method. Nothing but the adapters is trainable, so DDP brings nothing;
+* the fold after every real optimizer step: :meth:`hdpissa_after_optimizer_step`, the one method to read;
+* logging of the fold's cost and the W check; the merged plain model as the saved model; the model card.
 
-``HDPiSSASFTTrainer = HDPiSSATrainerMixin + trl.SFTTrainer``; the same mixin can make a ``DPOTrainer`` or a plain
-``Trainer`` train with HD-PiSSA. ``method="pissa" | "lora" | "full"`` gives the baselines in the same trainer
-(PEFT for LoRA/PiSSA), so every comparison shares data, schedule and logging.
+Checkpoints (atomic, every device's optimizer state, exact resume) are in :mod:`hdpissa_trl.checkpoint`.
+``method="pissa" | "lora" | "full"`` gives the baselines in the same trainer (PEFT for LoRA/PiSSA), so every
+comparison shares data, schedule and logging.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
-import functools
-import json
+import inspect
 import os
-import shutil
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from .checkpoint import CheckpointMixin
 from .config import HDPiSSAConfig
 from .fsdp import requested_fsdp_plugin, shard_like_accelerate
-from .model import HDPiSSAEngine, inject_hdpissa
+from .model import find_target_modules, inject_hdpissa
 from .sync import FoldStats
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
-HDPISSA_STATE_NAME = "hdpissa_state.safetensors"
-COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 
 
 def build_peft_config(method: str, config: HDPiSSAConfig):
@@ -64,30 +58,36 @@ class _FoldCallback(TrainerCallback):
         self.trainer.hdpissa_after_optimizer_step()
 
 
-class HDPiSSATrainerMixin:
-    """HD-PiSSA for any ``transformers.Trainer`` subclass: put it first in the bases.
+class HDPiSSATrainerMixin(CheckpointMixin):
+    """HD-PiSSA for any ``transformers.Trainer`` subclass: put it first in the bases; nothing else is needed.
 
-    Extra constructor arguments: ``hdpissa_config`` (:class:`HDPiSSAConfig`), ``method`` (``"hdpissa"``, ``"pissa"``,
-    ``"lora"``, ``"full"``) and ``save_dtype`` (dtype of the merged model written by ``save_model``; default: the
-    training dtype).
+    Args (keyword-only, besides the parent trainer's own):
+        hdpissa_config: the :class:`HDPiSSAConfig` (default: ``HDPiSSAConfig()``).
+        method: ``"hdpissa"`` (default), or a baseline in the same trainer: ``"pissa"``, ``"lora"`` (PEFT, built from
+            ``hdpissa_config``'s r, alpha, targets and dropout) or ``"full"`` fine-tuning.
+        save_dtype: dtype of the FINAL merged model written by ``save_model`` (default: the training dtype).
+            Checkpoints always keep the training precision.
     """
 
-    hdpissa_engine: HDPiSSAEngine | None = None
-
-    def _hdpissa_pre_init(self, method: str, hdpissa_config: HDPiSSAConfig | None, kwargs: dict) -> None:
+    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
+                 save_dtype: torch.dtype | None = None, **kwargs):
         if method not in METHODS:
             raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
         self.method = method
         self.hdpissa_config = hdpissa_config or HDPiSSAConfig()
+        self.save_dtype = save_dtype
+        takes_peft_config = "peft_config" in inspect.signature(super().__init__).parameters
         if method in ("pissa", "lora"):
-            if kwargs.get("peft_config") is None:
+            if kwargs.get("peft_config") is None and takes_peft_config:
                 kwargs["peft_config"] = build_peft_config(method, self.hdpissa_config)
         elif kwargs.get("peft_config") is not None:
             raise ValueError(f"method={method!r} does not take a peft_config (use method='lora' or 'pissa').")
+        super().__init__(*args, **kwargs)
+        self._hdpissa_setup()
 
-    def _hdpissa_setup(self, save_dtype: torch.dtype | None) -> None:
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def _hdpissa_setup(self) -> None:
         """Inject the adapters (after the parent loaded and placed the model) and keep the model out of DDP."""
-        self.save_dtype = save_dtype
         self._fold_log: list[FoldStats] = []
         self._skipped_folds = 0
         self._apply_ddp_timeout()
@@ -98,12 +98,12 @@ class HDPiSSATrainerMixin:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
+        self.hdpissa_check_model(model)
         plugin = requested_fsdp_plugin(self.args, self.accelerator)
         if plugin is not None:
             # W sharded by rows: shard the frozen model as accelerate's FSDP2 would, THEN create the adapters, so
             # FSDP never manages them (no reduce-scatter of their gradients, no broadcast of rank 0's slices).
             model = shard_like_accelerate(model, self.accelerator, plugin)
-        self._check_targets(model)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
@@ -116,16 +116,18 @@ class HDPiSSATrainerMixin:
             # Frozen embeddings give hidden states without grad; reentrant checkpointing would then drop the
             # adapter gradients inside checkpointed blocks (PEFT does the same).
             model.enable_input_require_grads()
-        # DDP trap guard: prepare the model as accelerate does for evaluation (device placement, autocast) but
-        # never wrap it in DistributedDataParallel.
+        # DDP trap guard: accelerate has no switch to skip the DDP wrap of a model with trainable parameters, so its
+        # prepare_model is told to prepare as for evaluation (device placement, autocast), never wrapping in DDP.
         original = self.accelerator.prepare_model
 
-        @functools.wraps(original)
         def prepare_model_without_ddp(model, device_placement=None, evaluation_mode=False):
             return original(model, device_placement=device_placement, evaluation_mode=True)
 
         self.accelerator.prepare_model = prepare_model_without_ddp
         self.add_callback(_FoldCallback(self))
+
+    def hdpissa_check_model(self, model) -> None:
+        """Trainer-specific refusals, before any adapter is injected (no-op here; see ``HDPiSSASFTTrainer``)."""
 
     def _apply_ddp_timeout(self) -> None:
         """Make ``ddp_timeout`` bound every collective on CPU too, so a dead or hung peer stops the others.
@@ -138,20 +140,6 @@ class HDPiSSATrainerMixin:
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
             set_timeout(datetime.timedelta(seconds=self.args.ddp_timeout))
-
-    def _check_targets(self, model) -> None:
-        """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
-        never receive a gradient. Refuse it before any work, as TRL does for PEFT."""
-        from .model import find_target_modules
-
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or not isinstance(self, SFTTrainer):
-            return
-        hit = [name for name, mod in find_target_modules(model, self.hdpissa_config) if mod is head]
-        if hit:
-            raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with SFTTrainer: it computes "
-                             f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
-                             f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
 
     # -- the fold ---------------------------------------------------------------------------------------------
     def hdpissa_after_optimizer_step(self) -> None:
@@ -177,8 +165,8 @@ class HDPiSSATrainerMixin:
             logs["hdpissa/collectives_per_step"] = sum(s.num_collectives for s in self._fold_log) / n
             logs["hdpissa/update_rank"] = self._fold_log[-1].update_rank_bound
             check = self.hdpissa_engine.last_check
-            logs["hdpissa/w_check_step"] = check["step"] if check["step"] is not None else -1
-            logs["hdpissa/w_check_ok"] = 1.0 if check["ok"] else 0.0
+            logs["hdpissa/w_check_step"] = check.step if check.step is not None else -1
+            logs["hdpissa/w_check_ok"] = 1.0 if check.ok else 0.0
             if self._skipped_folds:
                 logs["hdpissa/skipped_local_steps"] = self._skipped_folds
             self._fold_log = []
@@ -186,8 +174,8 @@ class HDPiSSATrainerMixin:
 
     # -- model card -------------------------------------------------------------------------------------------
     def hdpissa_card_info(self) -> dict[str, Any]:
-        """What the model card says about the method and run (extended by recipes with data and provenance)."""
-        cfg, K = self.hdpissa_config, self.accelerator.num_processes
+        """What the model card says about the method and the run."""
+        cfg, K, args = self.hdpissa_config, self.accelerator.num_processes, self.args
         info: dict[str, Any] = {"method": self.method, "devices K": K}
         if self.method == "hdpissa":
             info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
@@ -196,18 +184,22 @@ class HDPiSSATrainerMixin:
                          "W precision": cfg.precision, "target modules": cfg.target_modules})
         elif self.method in ("pissa", "lora"):
             info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
-        args = self.args
-        info.update({"learning rate": args.learning_rate, "lr scheduler": getattr(args.lr_scheduler_type, "value",
-                                                                                   args.lr_scheduler_type),
+        info.update({"learning rate": args.learning_rate,
+                     "lr scheduler": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
                      "optimizer steps": self.state.global_step,
                      "effective batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * K,
                      "weight decay": args.weight_decay})
-        info.update(getattr(self, "hdpissa_extra_card_info", {}) or {})
         return info
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None, **kwargs) -> None:
-        """TRL's card plus the HD-PiSSA section, the loss plot and ``model-index`` evaluation results."""
+                          tags: str | list[str] | None = None, *, run_info: dict[str, Any] | None = None,
+                          eval_report: dict | None = None, eval_before: dict | None = None, **kwargs) -> None:
+        """TRL's card plus the HD-PiSSA section, the loss plot and ``model-index`` evaluation results.
+
+        Args beyond TRL's: ``run_info`` (extra rows for the settings table: base model, datasets, ...),
+        ``eval_report`` (scores of the trained model, :func:`evaluation.evaluate_model`'s report) and ``eval_before``
+        (the base model's, for a before/after table). ``push_to_hub(**same)`` passes them on.
+        """
         from .card import plot_training_loss, update_model_card
 
         tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -216,25 +208,18 @@ class HDPiSSATrainerMixin:
             return
         out = self.args.output_dir
         plot = plot_training_loss(self.state.log_history, os.path.join(out, "training_loss.png"))
-        update_model_card(os.path.join(out, "README.md"), self.hdpissa_card_info(),
-                          report=getattr(self, "hdpissa_eval_report", None),
-                          before=getattr(self, "hdpissa_eval_before", None), loss_plot=plot,
+        update_model_card(os.path.join(out, "README.md"), {**self.hdpissa_card_info(), **(run_info or {})},
+                          report=eval_report, before=eval_before, loss_plot=plot,
                           model_name=model_name or os.path.basename(os.path.abspath(out)))
 
-    # -- saving -----------------------------------------------------------------------------------------------
-    @property
-    def _hdpissa_sharded(self) -> bool:
-        from .sharded import ShardedHDPiSSAEngine
-
-        return isinstance(self.hdpissa_engine, ShardedHDPiSSAEngine)
-
+    # -- the saved model --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """With W sharded (FSDP2) every rank takes part: the merged model is gathered onto rank 0 tensor by tensor
         and written there as plain safetensors shards. Inside a checkpoint W is not gathered at all (its rows are in
         the checkpoint's torch.distributed.checkpoint files)."""
-        if not self._hdpissa_sharded:
+        if not self.hdpissa_sharded:
             return super().save_model(output_dir, _internal_call)
-        if getattr(self, "_in_checkpoint", False):
+        if self._hdpissa_in_checkpoint:
             return
         state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
         if self.args.should_save:
@@ -242,224 +227,34 @@ class HDPiSSATrainerMixin:
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Sharded W: the optimizer states go into the checkpoint's DCP files (one key per device); the scheduler
-        is written as usual."""
-        if not self._hdpissa_sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            from transformers.trainer import SCHEDULER_NAME
-
-            os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
+    # Overridden: transformers' one method that writes the model of every save; here it writes the merged plain model.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.
 
         The Hub token is blanked while ``training_args.bin`` is written, so it never lands in a file.
         """
-        with self._hub_token_outside_args():
+        from .hub import hub_token_outside_args
+
+        with hub_token_outside_args(self):
             self._save_merged(output_dir, state_dict)
 
     def _save_merged(self, output_dir: str | None, state_dict: dict | None) -> None:
         if self.hdpissa_engine is not None and state_dict is None:
             state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
             return super()._save(output_dir, state_dict=state_dict)
-        if self.method in ("pissa", "lora") and not getattr(self, "_in_checkpoint", False):
+        if self.method in ("pissa", "lora") and not self._hdpissa_in_checkpoint:
             # Final model of a PEFT baseline: merge on a copy so training state stays untouched.
             if self.args.should_save:
+                out = output_dir or self.args.output_dir
                 merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
                 if self.save_dtype is not None:
                     merged.to(self.save_dtype)
-                os.makedirs(output_dir or self.args.output_dir, exist_ok=True)
-                merged.save_pretrained(output_dir or self.args.output_dir)
+                os.makedirs(out, exist_ok=True)
+                merged.save_pretrained(out)
                 if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+                    self.processing_class.save_pretrained(out)
             return
         return super()._save(output_dir, state_dict=state_dict)
-
-    def _barrier(self) -> None:
-        if self.accelerator.num_processes > 1:
-            self.accelerator.wait_for_everyone()
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a hidden temp dir and rename it into place once every rank has finished.
-
-        A crash mid-save leaves only ``.tmp-checkpoint-N`` (never matched by ``checkpoint-*`` discovery).
-        """
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"checkpoint-{self.state.global_step}"
-        tmp_parent = os.path.join(run_dir, f".tmp-{name}")
-        final = os.path.join(run_dir, name)
-        if self.args.should_save and os.path.isdir(run_dir):
-            # Leftovers of a save that crashed (this step's or any other): never complete, never resumed from.
-            for entry in os.listdir(run_dir):
-                if entry.startswith(f".tmp-{PREFIX_CHECKPOINT_DIR}-"):
-                    shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
-        self._barrier()
-        real_output_dir = self.args.output_dir
-        self._in_checkpoint = True
-        self._pending_push = None
-        try:
-            self.args.output_dir = tmp_parent
-            super()._save_checkpoint(model, trial)
-            tmp = os.path.join(tmp_parent, name)
-            self._save_hdpissa_state(tmp)
-        finally:
-            self.args.output_dir = real_output_dir
-            self._in_checkpoint = False
-        self._barrier()
-        if self.args.should_save:
-            tmp = os.path.join(tmp_parent, name)
-            with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
-                json.dump({"global_step": self.state.global_step, "world_size": self.accelerator.num_processes,
-                           "method": self.method, "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            shutil.rmtree(tmp_parent, ignore_errors=True)
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-            if self._pending_push is not None:
-                self._push_from_checkpoint(final)
-        self._pending_push = None
-        self._barrier()
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Push a checkpoint to the Hub once it is complete and in place, with the Hub token in no file.
-
-        transformers calls this from inside ``_save_checkpoint``: here that is while the checkpoint is still in the temp
-        dir, which is renamed and deleted right after (the asynchronous upload would race that), and it pickles the
-        training arguments, token included, into ``training_args.bin`` of the pushed folder. So the push is deferred
-        to the end of :meth:`_save_checkpoint`, and the token rides in the upload client instead of the arguments.
-        """
-        if getattr(self, "_in_checkpoint", False):
-            self._pending_push = checkpoint_folder
-            return
-        with self._hub_token_outside_args():
-            super()._push_from_checkpoint(checkpoint_folder)
-
-    @contextlib.contextmanager
-    def _hub_token_outside_args(self):
-        """While the body runs ``args.hub_token`` is None (pickling the arguments cannot write it) and transformers'
-        Hub client (``transformers.trainer.hf_api``) carries the token. Without that client the token is simply held
-        back (fails closed: the push then needs ``HF_TOKEN`` or a stored login)."""
-        import transformers.trainer as hf_trainer
-
-        token = getattr(self.args, "hub_token", None)
-        factory = getattr(hf_trainer, "hf_api", None)
-        if token is None:
-            yield
-            return
-        if factory is not None and getattr(self, "_hub_api_with_token", None) is None:
-            self._hub_api_with_token = copy.copy(factory())
-            self._hub_api_with_token.token = token
-        self.args.hub_token = None
-        if factory is not None:
-            hf_trainer.hf_api = lambda: self._hub_api_with_token
-        try:
-            yield
-        finally:
-            self.args.hub_token = token
-            if factory is not None:
-                hf_trainer.hf_api = factory
-
-    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
-        """Every rank writes its optimizer state; rank 0 writes the initial factors and precision state once."""
-        os.makedirs(ckpt_dir, exist_ok=True)
-        if self.hdpissa_engine is None:
-            return
-        if self._hdpissa_sharded:
-            from .sharded_checkpoint import save_sharded_checkpoint
-
-            save_sharded_checkpoint(ckpt_dir, self.hdpissa_engine, self.optimizer, atomic=False)
-            return
-        rank = self.accelerator.process_index
-        torch.save(self.optimizer.state_dict(), os.path.join(ckpt_dir, f"optimizer_rank{rank}.pt"))
-        if self.args.should_save:
-            from safetensors.torch import save_file
-
-            state = self.hdpissa_engine.state_dict()
-            save_file(state["tensors"], os.path.join(ckpt_dir, HDPISSA_STATE_NAME), metadata=state["metadata"])
-
-    # -- resuming ---------------------------------------------------------------------------------------------
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.hdpissa_engine is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._hdpissa_sharded:
-            from .sharded_checkpoint import load_sharded_checkpoint
-
-            load_sharded_checkpoint(resume_from_checkpoint, self.hdpissa_engine)
-            return
-        load_hdpissa_checkpoint(self.hdpissa_engine, resume_from_checkpoint)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is not None and self._hdpissa_sharded:
-            from transformers.trainer import SCHEDULER_NAME
-
-            from .sharded_checkpoint import load_sharded_optimizer
-
-            load_sharded_optimizer(checkpoint, self.hdpissa_engine, self.optimizer)
-            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
-            return
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.hdpissa_engine is None:
-            return
-        path = os.path.join(checkpoint, f"optimizer_rank{self.accelerator.process_index}.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Cannot resume: {path} is missing (every device's optimizer state is needed).")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, bad pickle: torch names neither the file nor the cause
-            raise ValueError(f"Cannot resume: {path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from exc
-        self.optimizer.load_state_dict(state)
-
-
-def load_hdpissa_checkpoint(engine: HDPiSSAEngine, ckpt_dir: str) -> None:
-    """Restore W and the engine state from a checkpoint dir; clear errors for incomplete or foreign checkpoints."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(os.path.join(ckpt_dir, COMPLETE_MARKER)):
-        raise ValueError(f"Checkpoint {ckpt_dir} is incomplete (no {COMPLETE_MARKER}): it was interrupted while "
-                         f"being written. Resume from an earlier checkpoint.")
-    state_path = os.path.join(ckpt_dir, HDPISSA_STATE_NAME)
-    weights_path = os.path.join(ckpt_dir, "model.safetensors")
-    tensors = {}
-    for path in (state_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Cannot resume: {path} is missing (not an HD-PiSSA checkpoint?).")
-        try:
-            tensors[path] = load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"Cannot resume: {path} is corrupt or truncated ({exc}).") from exc
-    from safetensors import safe_open
-
-    with safe_open(state_path, "pt") as f:
-        meta = f.metadata()
-    # First the engine state: it refuses another K, r, precision or layer set before W is touched (and restores
-    # the fp32 master; the W saved in the model dtype is exactly that master's cast, so W below agrees with it).
-    engine.load_state_dict({"tensors": tensors[state_path], "metadata": meta})
-    weights = tensors[weights_path]
-    with torch.no_grad():
-        for key, param in engine.model.state_dict(keep_vars=True).items():
-            if key.split(".")[-1] in ("lora_A", "lora_B", "A0_all", "B0_all"):
-                continue
-            plain = key.replace(".base_layer.", ".")
-            if plain not in weights:
-                if param.is_floating_point() and key.endswith("weight") and "lm_head" not in key:
-                    raise ValueError(f"Cannot resume: {weights_path} has no tensor {plain!r} (another model?).")
-                continue
-            src = weights[plain]
-            if src.shape != param.shape:
-                raise ValueError(f"Cannot resume: {plain!r} has shape {tuple(src.shape)} in the checkpoint but "
-                                 f"{tuple(param.shape)} in this model (another model?).")
-            param.data.copy_(src.to(param.dtype))
-    engine.check_consistency(engine.step, on_mismatch="raise")
 
 
 class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
@@ -475,24 +270,38 @@ class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
     layer's top ``K·r`` singular directions. Everything else behaves like ``SFTTrainer``.
     """
 
-    def __init__(self, *args, hdpissa_config: HDPiSSAConfig | None = None, method: str = "hdpissa",
-                 save_dtype: torch.dtype | None = None, **kwargs):
-        self._hdpissa_pre_init(method, hdpissa_config, kwargs)
-        self._check_datasets(args[1] if len(args) > 1 else kwargs.get("args"), kwargs)
+    def __init__(self, *args, **kwargs):
+        self._check_datasets(args, kwargs)
         super().__init__(*args, **kwargs)
-        self._hdpissa_setup(save_dtype)
 
     @staticmethod
-    def _check_datasets(args, kwargs: dict) -> None:
+    def _check_datasets(args: tuple, kwargs: dict) -> None:
         """Empty datasets and missing columns fail here, in one line, before the model is loaded."""
         from .data import check_sft_dataset
 
-        dataset_kwargs = getattr(args, "dataset_kwargs", None) or {}
-        needs_columns = kwargs.get("formatting_func") is None and not dataset_kwargs.get("skip_prepare_dataset")
-        text_field = getattr(args, "dataset_text_field", "text")
-        check_sft_dataset(kwargs.get("train_dataset"), "train", text_field, needs_columns)
-        check_sft_dataset(kwargs.get("eval_dataset"), "eval", text_field, needs_columns)
+        signature = inspect.signature(SFTTrainer.__init__)
+        own = {k: v for k, v in kwargs.items() if k in signature.parameters}
+        bound = signature.bind_partial(None, *args, **own).arguments
+        training_args = bound.get("args")
+        dataset_kwargs = getattr(training_args, "dataset_kwargs", None) or {}
+        needs_columns = bound.get("formatting_func") is None and not dataset_kwargs.get("skip_prepare_dataset")
+        text_field = getattr(training_args, "dataset_text_field", "text")
+        check_sft_dataset(bound.get("train_dataset"), "train", text_field, needs_columns)
+        check_sft_dataset(bound.get("eval_dataset"), "eval", text_field, needs_columns)
 
+    def hdpissa_check_model(self, model) -> None:
+        """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
+        never receive a gradient. Refuse it before any work, as TRL does for PEFT."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            return
+        hit = [name for name, mod in find_target_modules(model, self.hdpissa_config) if mod is head]
+        if hit:
+            raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with SFTTrainer: it computes "
+                             f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
+                             f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
+
+    # Overridden (TRL's dataset hook): fail clearly when truncation left no completion token to learn from.
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         from .data import check_after_truncation
 

@@ -23,8 +23,8 @@ import argparse
 import os
 
 
-def evaluate(model_or_dir, tokenizer, script_args, desc: str, trust_remote_code: bool = False):
-    """Score ``model_or_dir`` on the configured tasks (main process only); None when no tasks are set."""
+def evaluate(model_or_dir, tokenizer, script_args, desc: str, dtype: str, trust_remote_code: bool = False):
+    """Score ``model_or_dir`` (loaded in ``dtype``) on the configured tasks (main process only); None without tasks."""
     if not script_args.eval_tasks:
         return None
     from evaluation import evaluate_model
@@ -32,8 +32,7 @@ def evaluate(model_or_dir, tokenizer, script_args, desc: str, trust_remote_code:
     print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit})")
     return evaluate_model(model_or_dir, tokenizer, tasks=script_args.eval_tasks, limit=script_args.eval_limit,
                           batch_size=script_args.eval_batch_size, max_new_tokens=script_args.eval_max_new_tokens,
-                          chat=script_args.eval_chat, dtype="float32" if desc == "base" else "auto",
-                          trust_remote_code=trust_remote_code)
+                          chat=script_args.eval_chat, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def main(script_args, training_args, model_args, dataset_args):
@@ -64,7 +63,8 @@ def main(script_args, training_args, model_args, dataset_args):
     before = None
     if is_main and script_args.eval_tasks and script_args.eval_before:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
-        before = evaluate(model_path, tokenizer, script_args, "base", training_args.trust_remote_code)
+        # The base model is scored in fp32, the trained one in the dtype it was saved in (save_dtype).
+        before = evaluate(model_path, tokenizer, script_args, "base", "float32", training_args.trust_remote_code)
 
     trainer = HDPiSSASFTTrainer(
         model=model_path,
@@ -75,31 +75,32 @@ def main(script_args, training_args, model_args, dataset_args):
         method=script_args.method,
         save_dtype=getattr(torch, script_args.save_dtype) if script_args.save_dtype else None,
     )
-    trainer.hdpissa_extra_card_info = {
-        "base model": model_args.model_name_or_path,
-        "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
-        if gguf else None,
-        "prompt template": script_args.prompt_template,
-        "datasets": [dataset_label(d) for d in dataset_args.datasets],
-    }
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
 
     out = training_args.output_dir
     trainer.save_model(out)
     trainer.save_state()
+    card = {"run_info": {
+        "base model": model_args.model_name_or_path,
+        "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
+        if gguf else None,
+        "prompt template": script_args.prompt_template,
+        "datasets": [dataset_label(d) for d in dataset_args.datasets],
+    }}
     if is_main and script_args.eval_tasks:
-        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", training_args.trust_remote_code)
+        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
+                         training_args.trust_remote_code)
         after["before"] = before
         write_json_atomic(after, os.path.join(out, "eval_results.json"))
-        trainer.hdpissa_eval_report, trainer.hdpissa_eval_before = after, before
+        card.update(eval_report=after, eval_before=before)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
         os.path.abspath(out))
-    trainer.create_model_card(model_name=model_name)
+    trainer.create_model_card(model_name=model_name, **card)
     trainer.accelerator.wait_for_everyone()
 
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(**card)
         trainer.accelerator.print(f"Pushed the merged model and its card to {trainer.hub_model_id}.")
     trainer.accelerator.print(
         f"Merged model: {os.path.join(out, 'model.safetensors')}\nModel card:   {os.path.join(out, 'README.md')}\n"

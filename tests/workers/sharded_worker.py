@@ -140,7 +140,7 @@ def main() -> None:
             if step == start:
                 record["grads"][name] = eng.layers[0].lora_A.grad.detach().clone()
             optims[name].step()
-            record["stats"][name].append(vars(eng.fold()))
+            record["stats"][name].append(eng.fold().to_dict())
             record["losses"][name].append(loss.item())
         if args.save_at and step + 1 == args.save_at:
             save_sharded_checkpoint(os.path.join(args.out, "ckpt"), runs[first][1], optims[first])
@@ -157,7 +157,7 @@ def main() -> None:
                    if "precision_master" in entry}
         record.setdefault("master", {})[name] = masters
         record.setdefault("bytes", {})[name] = local_bytes(eng)
-        record.setdefault("last_check", {})[name] = eng.last_check
+        record.setdefault("last_check", {})[name] = vars(eng.last_check)
     record["names"] = runs[first][1].names
     if args.perturb_a0_rank >= 0:
         eng = runs[first][1]

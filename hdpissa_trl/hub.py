@@ -1,0 +1,34 @@
+"""The Hub token never lands in a file: it rides in the upload client, not in the pickled training arguments."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+
+@contextlib.contextmanager
+def hub_token_outside_args(trainer):
+    """While the body runs ``trainer.args.hub_token`` is None (pickling the arguments into ``training_args.bin``
+    cannot write it) and transformers' Hub client (``transformers.trainer.hf_api``) carries the token instead.
+
+    Without that client the token is simply held back (fails closed: a push then needs ``HF_TOKEN`` or a stored login).
+    """
+    import transformers.trainer as hf_trainer
+
+    token = getattr(trainer.args, "hub_token", None)
+    factory = getattr(hf_trainer, "hf_api", None)
+    if token is None:
+        yield
+        return
+    if factory is not None and getattr(trainer, "_hub_api_with_token", None) is None:
+        trainer._hub_api_with_token = copy.copy(factory())
+        trainer._hub_api_with_token.token = token
+    trainer.args.hub_token = None
+    if factory is not None:
+        hf_trainer.hf_api = lambda: trainer._hub_api_with_token
+    try:
+        yield
+    finally:
+        trainer.args.hub_token = token
+        if factory is not None:
+            hf_trainer.hf_api = factory
