@@ -6,19 +6,24 @@ or as ``bench.X`` from the smoke test.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from hdpissa_trl.distributed import world_and_rank
-from hdpissa_trl.launch import REPO_ROOT
+from hdpissa_trl.launch import REPO_ROOT, child_env, torchrun
 
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
@@ -164,6 +169,36 @@ def write_json(name: str, obj: dict, results_dir: str | None = None) -> str:
     return path
 
 
+def add_output_args(ap, worker: bool = False) -> None:
+    """The flags every script shares: where results and figures go, ``--no-figure``, and (for scripts that launch
+    torchrun workers) the internal ``--worker`` settings file."""
+    ap.add_argument("--results_dir", default=None)
+    ap.add_argument("--figures_dir", default=None)
+    ap.add_argument("--no-figure", dest="figure", action="store_false")
+    if worker:
+        ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON settings of a worker
+
+
+def launch_workers(module: str, nproc: int, cfg: dict, timeout: float = 600, echo: bool = False,
+                   threads: int = 1):
+    """Run ``module`` (``python -m``) as ``nproc`` torchrun processes with ``--worker SETTINGS.json`` (``cfg`` plus
+    ``out``, the file the workers write their result to), and return that result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dict(cfg, out=os.path.join(tmp, "out.json"))
+        path = os.path.join(tmp, "worker.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f)
+        torchrun(module, nproc, ["--worker", path], timeout=timeout, echo=echo, env=child_env(threads=threads))
+        with open(cfg["out"], encoding="utf-8") as f:
+            return json.load(f)
+
+
+def worker_settings(path: str) -> dict:
+    """The settings a :func:`launch_workers` worker was started with."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def save_figure(fig, name: str, info: dict, figures_dir: str | None = None) -> str:
     """Save ``fig`` as ``figures_dir/name`` with a footer saying where it ran."""
     figures_dir = figures_dir or FIGURES_DIR
@@ -202,6 +237,7 @@ def block_linear_names(model) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- methods
+@dataclass
 class MethodSetup:
     """One fine-tuning method on one model: what to optimise and what to call after ``optimizer.step()``.
 
@@ -210,16 +246,18 @@ class MethodSetup:
     (HD-PiSSA / official-style fold) and returns a dict with at least ``seconds`` and ``gather_seconds``.
     """
 
-    def __init__(self, name, model, params, after_step=None, after_backward=None, engine=None, inner=None,
-                 ddp=False):
-        self.name = name
-        self.model = model
-        self.params = params
-        self.after_step = after_step
-        self.after_backward = after_backward
-        self.engine = engine
-        self.inner = inner if inner is not None else model  # the unwrapped model
-        self.ddp = ddp
+    name: str
+    model: Any
+    params: list
+    after_step: Callable[[], dict] | None = None
+    after_backward: Callable[[], None] | None = None
+    engine: Any = None
+    inner: Any = None  # the unwrapped model (default: ``model``)
+    ddp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner is None:
+            self.inner = self.model
 
     def no_sync(self, last_micro: bool):
         if self.ddp and not last_micro:

@@ -22,27 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
 
 from bench._common import (
     CollectiveTap,
+    add_output_args,
     build_llama,
     env_info,
     env_line,
     finish_env,
     fmt_bytes,
+    launch_workers,
     median,
     new_figure,
     print_table,
     quiet_hf,
     save_figure,
     setup_method,
+    worker_settings,
     write_json,
 )
-from hdpissa_trl.launch import torchrun
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_gather_object")
@@ -157,14 +158,7 @@ def worker(cfg: dict) -> None:
 
 def run_measured(K: int, preset: str, r: int, steps: int, timeout: float = 600) -> dict:
     """Launch K gloo processes and return the measured per-step numbers (identical on every rank, checked)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"preset": preset, "r": r, "steps": steps, "out": os.path.join(tmp, "out.json")}
-        path = os.path.join(tmp, "cfg.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
-        torchrun(__spec__.name, K, ["--worker", path], timeout=timeout)  # this module, run with -m
-        with open(cfg["out"], encoding="utf-8") as f:
-            raw = json.load(f)
+    raw = launch_workers(__spec__.name, K, {"preset": preset, "r": r, "steps": steps}, timeout)  # this module
     out = {"K": K}
     for scheme in ("hdpissa", "official"):
         per_rank = [rk[scheme]["per_step"] for rk in raw["ranks"]]
@@ -206,10 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="K values measured with real processes")
     ap.add_argument("--computed", type=int, nargs="+", default=[8], help="K values computed by the formula")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--results_dir", default=None)
-    ap.add_argument("--figures_dir", default=None)
-    ap.add_argument("--no-figure", dest="figure", action="store_false")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_output_args(ap, worker=True)
     return ap
 
 
@@ -259,8 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     quiet_hf()
     if args.worker:
-        with open(args.worker, encoding="utf-8") as f:
-            worker(json.load(f))
+        worker(worker_settings(args.worker))
         return {}
     info = env_info(nproc=max(args.nproc), backend="gloo", threads=1)
     measured = {}

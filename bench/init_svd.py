@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench._common import (
+    add_output_args,
     env_info,
     env_line,
     finish_env,
@@ -188,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--r", type=int, default=16, help="per-device slice width for the per-slice agreement")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results_dir", default=None)
-    ap.add_argument("--figures_dir", default=None)
-    ap.add_argument("--no-figure", dest="figure", action="store_false")
+    add_output_args(ap)
     return ap
 
 

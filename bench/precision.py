@@ -25,6 +25,7 @@ import torch
 
 from bench._common import (
     PRESETS,
+    add_output_args,
     env_info,
     env_line,
     finish_env,
@@ -173,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval_every", type=int, default=25)
     ap.add_argument("--pretrain_steps", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="tiny model (smoke tests)")
-    ap.add_argument("--results_dir", default=None)
-    ap.add_argument("--figures_dir", default=None)
-    ap.add_argument("--no-figure", dest="figure", action="store_false")
+    add_output_args(ap)
     return ap
 
 

@@ -32,21 +32,23 @@ import torch.distributed as dist
 
 from bench._common import (
     METHOD_LABELS,
+    add_output_args,
     allreduce_mean_grads,
     block_linear_names,
     env_info,
     env_line,
     finish_env,
+    launch_workers,
     mean_std,
     new_figure,
     print_table,
     quiet_hf,
     save_figure,
     setup_method,
+    worker_settings,
     write_json,
 )
 from hdpissa_trl.analysis.update_spectrum import effective_rank, numerical_rank
-from hdpissa_trl.launch import torchrun
 
 METHODS = ("hdpissa", "lora", "pissa", "full")
 TASK_NAMES = ("teacher_student", "multitask")
@@ -174,14 +176,7 @@ def worker(cfg: dict) -> None:
 
 
 def run_K(K: int, cfg: dict, timeout: float = 1800) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = dict(cfg, out=os.path.join(tmp, "out.json"))
-        path = os.path.join(tmp, "cfg.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
-        torchrun(__spec__.name, K, ["--worker", path], timeout=timeout, echo=True)  # this module, with -m
-        with open(cfg["out"], encoding="utf-8") as f:
-            return json.load(f)
+    return launch_workers(__spec__.name, K, cfg, timeout, echo=True)  # this module
 
 
 def sweep(cfg: dict, Ks: list[int]) -> dict:
@@ -249,65 +244,60 @@ def report(summary: list[dict], info: dict, cfg: dict) -> None:
 COLORS = {"hdpissa": "#C44E52", "lora": "#4C72B0", "pissa": "#55A868", "full": "0.3"}
 
 
-def plot_curves(records: list[dict], info: dict, cfg: dict, figures_dir, tag: str = "") -> str:
+def _panels(records: list[dict], draw, title: str, name: str, info: dict, figures_dir) -> str:
+    """One panel per (task, K), drawn by ``draw(ax, task, K)``; the panels' frame and the saving are shared."""
     Ks = sorted({r["K"] for r in records})
     tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in records)]
     fig = new_figure(figsize=(4.4 * len(Ks), 3.6 * len(tasks)), layout="constrained")
     axes = fig.subplots(len(tasks), len(Ks), squeeze=False)
     for i, task in enumerate(tasks):
         for j, K in enumerate(Ks):
-            ax = axes[i][j]
-            for method in METHODS:
-                rs = [r for r in records if r["task"] == task and r["K"] == K and r["method"] == method]
-                if not rs:
-                    continue
-                steps = [c[0] for c in rs[0]["curve"]]
-                vals = torch.tensor([[c[1]["eval_loss"] for c in r["curve"]] for r in rs])
-                mean = vals.mean(0)
-                ax.plot(steps, mean, color=COLORS[method], label=METHOD_LABELS[method])
-                ax.fill_between(steps, vals.min(0).values, vals.max(0).values, color=COLORS[method], alpha=0.15)
-            ax.set_title(f"{task}, K = {K}", fontsize=10)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("relative eval MSE" if task == "teacher_student" else "eval completion loss")
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle(f"Eval loss, r={cfg['r']} per device, mean over {len(cfg['seeds'])} seeds (band: min…max)")
-    return save_figure(fig, f"quality_loss_curves{tag}.png", info, figures_dir)
+            draw(axes[i][j], task, K)
+            axes[i][j].set_title(f"{task}, K = {K}", fontsize=10)
+            axes[i][j].grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, name, info, figures_dir)
+
+
+def plot_curves(records: list[dict], info: dict, cfg: dict, figures_dir, tag: str = "") -> str:
+    def draw(ax, task, K):
+        for method in METHODS:
+            rs = [r for r in records if r["task"] == task and r["K"] == K and r["method"] == method]
+            if not rs:
+                continue
+            steps = [c[0] for c in rs[0]["curve"]]
+            vals = torch.tensor([[c[1]["eval_loss"] for c in r["curve"]] for r in rs])
+            ax.plot(steps, vals.mean(0), color=COLORS[method], label=METHOD_LABELS[method])
+            ax.fill_between(steps, vals.min(0).values, vals.max(0).values, color=COLORS[method], alpha=0.15)
+        ax.set(xlabel="optimizer step", yscale="log",
+               ylabel="relative eval MSE" if task == "teacher_student" else "eval completion loss")
+
+    title = f"Eval loss, r={cfg['r']} per device, mean over {len(cfg['seeds'])} seeds (band: min…max)"
+    return _panels(records, draw, title, f"quality_loss_curves{tag}.png", info, figures_dir)
 
 
 def plot_spectra(records: list[dict], info: dict, cfg: dict, figures_dir, tag: str = "") -> str:
-    Ks = sorted({r["K"] for r in records})
-    tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in records)]
-    fig = new_figure(figsize=(4.4 * len(Ks), 3.6 * len(tasks)), layout="constrained")
-    axes = fig.subplots(len(tasks), len(Ks), squeeze=False)
     r = cfg["r"]
-    for i, task in enumerate(tasks):
-        for j, K in enumerate(Ks):
-            ax = axes[i][j]
-            for method in METHODS:
-                rs = [x for x in records if x["task"] == task and x["K"] == K and x["method"] == method
-                      and any("singular_values" in lay for lay in x["layers"].values())]
-                if not rs:
-                    continue
-                svs = [torch.tensor(lay["singular_values"]) for lay in rs[0]["layers"].values()]
-                n = min(len(s) for s in svs)
-                norm = torch.stack([s[:n] / s[0].clamp_min(1e-30) for s in svs]).mean(0)
-                ax.plot(range(1, n + 1), norm.clamp_min(1e-8), color=COLORS[method], label=METHOD_LABELS[method])
-            ax.axvline(2 * K * r, color=COLORS["hdpissa"], linestyle=":", linewidth=1)
-            ax.axvline(2 * r, color=COLORS["pissa"], linestyle=":", linewidth=1)
-            ax.text(2 * K * r + 1, 1e-7, f"2·K·r = {2 * K * r}", fontsize=7, color=COLORS["hdpissa"])
-            ax.set_yscale("log")
-            ax.set_ylim(1e-8, 3)
-            ax.set_title(f"{task}, K = {K}", fontsize=10)
-            ax.set_xlabel("singular value index i")
-            ax.set_ylabel("σ_i(ΔW) / σ_1, mean over layers")
-            ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle(f"Spectrum of the accumulated update ΔW = W_final − W_init (first seed), r={r} per device")
-    return save_figure(fig, f"quality_update_spectrum{tag}.png", info, figures_dir)
+
+    def draw(ax, task, K):
+        for method in METHODS:
+            rs = [x for x in records if x["task"] == task and x["K"] == K and x["method"] == method
+                  and any("singular_values" in lay for lay in x["layers"].values())]
+            if not rs:
+                continue
+            svs = [torch.tensor(lay["singular_values"]) for lay in rs[0]["layers"].values()]
+            n = min(len(s) for s in svs)
+            norm = torch.stack([s[:n] / s[0].clamp_min(1e-30) for s in svs]).mean(0)
+            ax.plot(range(1, n + 1), norm.clamp_min(1e-8), color=COLORS[method], label=METHOD_LABELS[method])
+        ax.axvline(2 * K * r, color=COLORS["hdpissa"], linestyle=":", linewidth=1)
+        ax.axvline(2 * r, color=COLORS["pissa"], linestyle=":", linewidth=1)
+        ax.text(2 * K * r + 1, 1e-7, f"2·K·r = {2 * K * r}", fontsize=7, color=COLORS["hdpissa"])
+        ax.set(yscale="log", ylim=(1e-8, 3), xlabel="singular value index i",
+               ylabel="σ_i(ΔW) / σ_1, mean over layers")
+
+    title = f"Spectrum of the accumulated update ΔW = W_final − W_init (first seed), r={r} per device"
+    return _panels(records, draw, title, f"quality_update_spectrum{tag}.png", info, figures_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,10 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                     help="override a default learning rate for every task, e.g. --lr hdpissa=3e-2 (repeatable)")
     ap.add_argument("--sweep", action="store_true", help="run the K=1 learning-rate probe instead")
-    ap.add_argument("--results_dir", default=None)
-    ap.add_argument("--figures_dir", default=None)
-    ap.add_argument("--no-figure", dest="figure", action="store_false")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_output_args(ap, worker=True)
     return ap
 
 
@@ -339,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     quiet_hf()
     if args.worker:
-        with open(args.worker, encoding="utf-8") as f:
-            worker(json.load(f))
+        worker(worker_settings(args.worker))
         return {}
     from bench._tasks import prepare_multitask_base
 

@@ -238,9 +238,8 @@ def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
         for i, r in enumerate(x for x in records if x["label"] == lab):
             steps, vals = zip(*r["losses"])
             ax.plot(steps, vals, color=COLORS[lab], alpha=0.85, lw=1.2, label=LABELS[lab] if i == 0 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (completion tokens)")
-    ax.set_title("SmolLM2-135M-Instruct, multi-task mix: train loss per step")
+    ax.set(xlabel="optimizer step", ylabel="train loss (completion tokens)",
+           title="SmolLM2-135M-Instruct, multi-task mix: train loss per step")
     ax.legend(fontsize=8)
     for d in (RESULTS, FIGURES_DIR):
         paths.append(save_figure(fig, f"{prefix}_loss.png" if d == FIGURES_DIR else "loss.png", info, d))
@@ -260,14 +259,10 @@ def plots(records: list[dict], spectra: dict, info: dict) -> list[str]:
             blocks = sorted({b for b, _ in er})
             ax2.plot(blocks, [sum(v for b2, v in er if b2 == b) / sum(1 for b2, _ in er if b2 == b) for b in blocks],
                      color=COLORS[lab], label=LABELS[lab])
-        ax1.set_xlabel("i")
-        ax1.set_ylabel("σ_i(ΔW) / σ_1(ΔW)")
-        ax1.set_title("block 15: q_proj (solid), down_proj (dashed)")
+        ax1.set(xlabel="i", ylabel="σ_i(ΔW) / σ_1(ΔW)", title="block 15: q_proj (solid), down_proj (dashed)")
         ax1.legend(fontsize=6)
-        ax2.set_yscale("log")
-        ax2.set_xlabel("block")
-        ax2.set_ylabel("effective rank of ΔW (mean of 7 matrices)")
-        ax2.set_title("effective rank of W_final − W_base per block")
+        ax2.set(yscale="log", xlabel="block", ylabel="effective rank of ΔW (mean of 7 matrices)",
+                title="effective rank of W_final − W_base per block")
         ax2.legend(fontsize=7)
         for d in (RESULTS, FIGURES_DIR):
             paths.append(save_figure(fig, f"{prefix}_spectra.png" if d == FIGURES_DIR else "spectra.png", info, d))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import torch
@@ -39,18 +38,20 @@ import torch.distributed as dist
 from bench._common import (
     PRESETS,
     CollectiveTap,
+    add_output_args,
     env_info,
     env_line,
     finish_env,
     fmt_bytes,
+    launch_workers,
     median,
     peak_rss_bytes,
     print_table,
     quiet_hf,
     rss_bytes,
+    worker_settings,
     write_json,
 )
-from hdpissa_trl.launch import torchrun
 
 MODES = ("replicated", "all_gather", "all_to_all")  # replicated W, or sharded W with one of the two fold schemes
 WRAPPED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_single",
@@ -211,22 +212,10 @@ def worker(cfg: dict) -> None:
 def run_mode(mode: str, K: int, shape: dict, args, blocks: int | None = None) -> dict:
     """One ``torchrun`` job of ``mode`` with K processes; per-rank records reduced to the worst rank."""
     shape = dict(shape, num_layers=blocks or shape["num_layers"])
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"mode": mode, "shape": shape, "r": args.r, "steps": args.steps, "warmup": args.warmup,
-               "batch": args.batch, "seq": args.seq, "seed": 0, "out": os.path.join(tmp, "out.json")}
-        path = os.path.join(tmp, "cfg.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # see the module docstring; the workers inherit it
-        try:
-            torchrun(__spec__.name, K, ["--worker", path], timeout=1800)  # this module, run with -m
-        except RuntimeError as exc:
-            if not os.path.isfile(cfg["out"]):
-                raise
-            # The results were written; a process died on the way out (seen once under heavy load: gloo teardown).
-            print(f"[sharded]   note: a worker failed after writing its results ({str(exc).splitlines()[0]})")
-        with open(cfg["out"], encoding="utf-8") as f:
-            ranks = json.load(f)
+    cfg = {"mode": mode, "shape": shape, "r": args.r, "steps": args.steps, "warmup": args.warmup,
+           "batch": args.batch, "seq": args.seq, "seed": 0}
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # see the module docstring; the workers inherit it
+    ranks = launch_workers(__spec__.name, K, cfg, timeout=1800)  # this module
     steps = [max(r["step_seconds"][i] for r in ranks) for i in range(len(ranks[0]["step_seconds"]))]
     print(f"[sharded]   -> peak/rank {fmt_bytes(max(r['peak_bytes'] for r in ranks))}, tensors/rank "
           f"{fmt_bytes(max(r['tensor_bytes']['total'] for r in ranks))}, step {median(steps) * 1e3:.0f} ms", flush=True)
@@ -320,17 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fit_blocks", type=int, nargs=2, default=[4, 12])
     ap.add_argument("--no-budget", dest="budget", action="store_false")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, K=2, 2 steps, no budget search")
-    ap.add_argument("--results_dir", default=None)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_output_args(ap, worker=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.worker:
-        with open(args.worker, encoding="utf-8") as f:
-            worker(json.load(f))
+        worker(worker_settings(args.worker))
         return {}
     if args.quick:
         args.preset, args.nproc, args.steps, args.warmup, args.budget, args.blocks = "tiny", [2], 2, 0, False, 2
@@ -393,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fold bytes received per rank and step: all_gather {fmt_bytes(fb['all_gather'])}, all_to_all "
           f"{fmt_bytes(fb['all_to_all'])} ({fb['all_gather'] / fb['all_to_all']:.2f}x fewer); FSDP2's own parameter "
           f"all-gathers (forward + backward): {fmt_bytes(proj['fsdp_param_allgather_bytes_received'])}")
-    result = {"env": info, "args": {k: v for k, v in vars(args).items() if k not in ("results_dir", "worker")},
+    result = {"env": info, "args": {k: v for k, v in vars(args).items()
+                                    if k not in ("results_dir", "figures_dir", "worker")},
               "side_by_side": side, "fold_bytes_checks_equal": all(checks), "budget_search": search,
               "projection_70b": proj}
     write_json(f"sharded{args.tag}.json", result, args.results_dir)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 
 import torch
@@ -28,11 +27,13 @@ import torch.distributed as dist
 
 from bench._common import (
     METHOD_LABELS,
+    add_output_args,
     build_llama,
     env_info,
     env_line,
     finish_env,
     fmt_bytes,
+    launch_workers,
     median,
     new_figure,
     peak_rss_bytes,
@@ -41,10 +42,10 @@ from bench._common import (
     rss_bytes,
     save_figure,
     setup_method,
+    worker_settings,
     write_json,
 )
 from hdpissa_trl.distributed import world_and_rank
-from hdpissa_trl.launch import child_env, torchrun
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     ap.add_argument("--tag", default="", help="suffix of the result/figure file names")
-    ap.add_argument("--results_dir", default=None)
-    ap.add_argument("--figures_dir", default=None)
-    ap.add_argument("--no-figure", dest="figure", action="store_false")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON settings of a worker
+    add_output_args(ap, worker=True)
     return ap
 
 
@@ -287,17 +285,9 @@ def _memory_only(args, rank: int, world: int, device: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ launcher
 def _run_worker(args, nproc: int, extra: dict, timeout: float = 600) -> dict:
-    """Launch this file under torchrun; the workers read their settings from a JSON file (no CLI re-parsing)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir")}
-        cfg.update(extra, out=os.path.join(tmp, "out.json"))
-        cfg_path = os.path.join(tmp, "worker.json")
-        with open(cfg_path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
-        torchrun(__spec__.name, nproc, ["--worker", cfg_path], timeout=timeout,  # this module, with -m
-                 env=child_env(threads=args.threads))
-        with open(cfg["out"], encoding="utf-8") as f:
-            return json.load(f)
+    """Launch this module under torchrun; the workers read their settings from a JSON file (no CLI re-parsing)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir")}
+    return launch_workers(__spec__.name, nproc, dict(cfg, **extra), timeout, threads=args.threads)
 
 
 def report(results: dict, args) -> None:
@@ -357,8 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     quiet_hf()
     if args.worker:
-        with open(args.worker, encoding="utf-8") as f:
-            worker(argparse.Namespace(**json.load(f)))
+        worker(argparse.Namespace(**worker_settings(args.worker)))
         return {}
     results = {"args": {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir", "worker")},
                "runs": {}}
