@@ -322,6 +322,13 @@ def reshard_all(model: nn.Module) -> None:
 
 
 # -- the engine ----------------------------------------------------------------------------------------------------
+def canonical_name(name: str) -> str:
+    """A module path as the model's state dict spells it: without the wrappers activation checkpointing and
+    ``torch.compile`` insert (``_checkpoint_wrapped_module``, ``_orig_mod``), so checkpoints and merged keys do not
+    depend on them."""
+    return ".".join(part for part in name.split(".") if part not in ("_checkpoint_wrapped_module", "_orig_mod"))
+
+
 def _row_dtensor(local: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """View this rank's rows ``local`` as the row-sharded DTensor of the full ``shape`` (same mesh as ``like``)."""
     from torch.distributed.tensor import DTensor, Shard
@@ -335,7 +342,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
     """:class:`HDPiSSAEngine` for a model whose adapted weights FSDP2 has sharded by rows (see the module docstring).
 
     Build it with :func:`inject_hdpissa` AFTER ``fully_shard`` (or :func:`shard_model`): it detects the DTensor
-    weights. Differences from the replicated engine: the fold updates this rank's rows only; :meth:`state_dict` holds
+    weights. ``names`` are the layers' state-dict names (:func:`canonical_name`). Differences from the replicated engine: the fold updates this rank's rows only; :meth:`state_dict` holds
     DTensors for ``torch.distributed.checkpoint`` (:mod:`hdpissa_trl.sharded_checkpoint`); :meth:`merged_state_dict`
     gathers the full model on rank 0 only; the consistency check compares the replicated state (``A0_all``).
     """
@@ -380,7 +387,7 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
             layer = ShardedHDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
             layer.set_initial_factors(A0_all, B0_rows, B0_own)
             _set_submodule(self.model, name, layer)
-            self.names.append(name)
+            self.names.append(canonical_name(name))
             self.layers.append(layer)
             # Precision state (fp32 master, Kahan compensation) for this rank's rows only. Layer index i·K + j: the
             # stochastic-rounding bits of different row shards are drawn independently.
@@ -520,11 +527,11 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         if dtype is not None:
             raise ValueError("merge_and_unload(dtype=...) cannot recast a sharded model; use "
                              "merged_state_dict(dtype) or save_pretrained of the gathered state instead.")
-        for name, layer, upd in zip(self.names, self.layers, self.updaters):
+        for layer, upd in zip(self.layers, self.updaters):
             master = upd.state().get("master")
             if master is not None:
                 layer.base_layer.weight.to_local().copy_(master)
-            _set_submodule(self.model, name, layer.base_layer)
+            _set_submodule(self.model, layer.name, layer.base_layer)  # the module path (names are canonical)
         self.layers, self.names, self.updaters = [], [], []
         return self.model
 

@@ -53,15 +53,17 @@ TOKEN = "hf_fsdp2_secret_token_42"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 4 steps replicated (cpu.yaml) and sharded (cpu_fsdp2.yaml), checkpoints every 2 steps; the sharded
-    run pushes its merged model to a local server speaking the Hub API."""
+    run recomputes activations (gradient_checkpointing) and pushes its merged model to a local Hub stand-in."""
     from mini_hub import run_mini_hub
 
     base = tmp_path_factory.mktemp("fsdp")
     rep = launch("recipes/accelerate_configs/cpu.yaml", base / "replicated")
     with run_mini_hub(token=TOKEN) as hub:
         env = hub.client_env(base / "hf_home", child_env())  # the token only in the arguments
+        # Also with transformers' gradient checkpointing: it must not change W.
         shd = launch("recipes/accelerate_configs/cpu_fsdp2.yaml", base / "sharded", "--push_to_hub", "true",
-                     "--hub_model_id", "test-user/hd-fsdp2", "--hub_token", TOKEN, env=env)
+                     "--hub_model_id", "test-user/hd-fsdp2", "--hub_token", TOKEN, "--gradient_checkpointing", "true",
+                     env=env)
         shd.pushed = hub.repo_files("test-user/hd-fsdp2")
         hub.check()  # the client used no call the server does not answer
     return base, rep, shd
@@ -106,16 +108,17 @@ def test_fsdp2_push_to_hub_pushes_the_merged_model(runs, tmp_path):
 # -- several machines, on one host -------------------------------------------------------------------------------
 def machine_config(tmp_path, sharded: bool) -> str:
     """recipes/accelerate_configs/multi_node.yaml for 2 "machines" on this host: loopback address, 1 process each;
-    sharded: with the FSDP2 settings of cpu_fsdp2.yaml."""
+    sharded: with the FSDP2 settings of cpu_fsdp2.yaml (plus FSDP activation checkpointing)."""
     import yaml
 
     with open(os.path.join(ROOT, "recipes", "accelerate_configs", "multi_node.yaml")) as f:
         cfg = yaml.safe_load(f)
     cfg.update(main_process_ip="127.0.0.1", main_process_port=free_port(), num_machines=2, num_processes=2,
                mixed_precision="no")
-    if sharded:
+    if sharded:  # with FSDP's own activation checkpointing this time: W must not change
         with open(os.path.join(ROOT, "recipes", "accelerate_configs", "cpu_fsdp2.yaml")) as f:
-            cfg.update(distributed_type="FSDP", fsdp_config=yaml.safe_load(f)["fsdp_config"])
+            fsdp_config = dict(yaml.safe_load(f)["fsdp_config"], fsdp_activation_checkpointing=True)
+        cfg.update(distributed_type="FSDP", fsdp_config=fsdp_config)
     path = tmp_path / f"multi_node_{'fsdp2' if sharded else 'replicated'}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)

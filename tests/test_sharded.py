@@ -208,6 +208,13 @@ def test_shard_rows_follow_fsdp2_layout():
             assert sum(b - a for a, b in got) == m
 
 
+def test_layer_names_do_not_depend_on_activation_checkpointing_or_compile():
+    from hdpissa_trl.sharded import canonical_name
+
+    assert canonical_name("model.layers.0._checkpoint_wrapped_module.mlp.up_proj") == "model.layers.0.mlp.up_proj"
+    assert canonical_name("_orig_mod.model.layers.1.self_attn.q_proj") == "model.layers.1.self_attn.q_proj"
+
+
 def test_init_rounds_give_each_rank_at_most_one_layer():
     from hdpissa_trl.sharded import _rounds
 
