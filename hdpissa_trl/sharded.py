@@ -153,18 +153,19 @@ def _rounds(owners: list[int]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sharded_init_factors(weights: list[torch.Tensor], r: int, method: str, n_iter: int, seed: int, shard: bool,
-                         show_progress: bool = False,
-                         scale: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def sharded_init_factors(weights: list[torch.Tensor], ranks: list[int], method: str, n_iter: int, seed: int,
+                         shard: bool, show_progress: bool = False,
+                         scales: list[float] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Factor row-sharded weights without materialising more than one full layer per rank.
 
-    Layer ``i`` is owned by rank ``i mod K`` (``shard=True``) or rank 0. In each round every owner gathers ONE layer
-    from the shards, factors it (top ``K·r`` directions, :func:`top_singular_factors`, same seeds as the replicated
-    engine, ``scale = lora_alpha / r``), broadcasts ``A0_all`` and scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``.
-    Returns ``(A0_all, B0_rows, B0_own)`` per layer. Collective: every rank calls it with the same weights.
+    Layer ``i`` (per-device rank ``ranks[i]``, scale ``scales[i] = lora_alpha / ranks[i]``) is owned by rank
+    ``i mod K`` (``shard=True``) or rank 0. In each round every owner gathers ONE layer from the shards, factors it
+    (top ``K·r`` directions, :func:`top_singular_factors`, the replicated engine's seeds), broadcasts ``A0_all`` and
+    scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``. Returns
+    ``(A0_all, B0_rows, B0_own)`` per layer. Collective: every rank calls it with the same weights.
     """
     group, world, me = shard_group(weights[0])
-    k = world * r
+    scales = scales or [1.0] * len(weights)
     owners = [(i % world) if shard else 0 for i in range(len(weights))]
     rounds = _rounds(owners)
     if show_progress and me == 0:
@@ -182,11 +183,12 @@ def sharded_init_factors(weights: list[torch.Tensor], r: int, method: str, n_ite
         factors = None
         if mine is not None:
             i, full = mine
-            factors = top_singular_factors(full, k, method, n_iter, seed + i, scale)
+            factors = top_singular_factors(full, world * ranks[i], method, n_iter, seed + i, scales[i])
             del full
         # 2. The owner broadcasts A0_all and scatters the B0 pieces: rank j gets B0_all[rows_j] and B0_all[:, j-slice].
         for i in batch:
-            m, n = weights[i].shape
+            (m, n), r = weights[i].shape, ranks[i]
+            k = world * r
             dev = weights[i].to_local().device
             rows = shard_rows(m, world)
             chunk = -(-m // world)
@@ -379,12 +381,14 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
             if (K, j) != (self.world_size, self.rank):
                 raise ValueError(f"Layer {name!r} is sharded over {K} ranks (this is shard {j}), but HD-PiSSA runs on "
                                  f"{self.world_size} devices (this is device {self.rank}): shard over all devices.")
-        config, K, r = self.config, self.world_size, self.config.r
-        factors = sharded_init_factors([mod.weight for _, mod in targets], r, config.init_method, config.n_iter,
+        config, K = self.config, self.world_size
+        ranks = [config.r] * len(targets)
+        scales = [config.lora_alpha / r for r in ranks]
+        factors = sharded_init_factors([mod.weight for _, mod in targets], ranks, config.init_method, config.n_iter,
                                        config.seed, shard=config.shard_init, show_progress=show_progress,
-                                       scale=config.scale)
-        for i, ((name, module), (A0_all, B0_rows, B0_own)) in enumerate(zip(targets, factors)):
-            layer = ShardedHDPiSSALinear(module, r, self.rank, K, config.scale, config.lora_dropout, name=name)
+                                       scales=scales)
+        for i, ((name, module), r, s, (A0_all, B0_rows, B0_own)) in enumerate(zip(targets, ranks, scales, factors)):
+            layer = ShardedHDPiSSALinear(module, r, self.rank, K, s, config.lora_dropout, name=name)
             layer.set_initial_factors(A0_all, B0_rows, B0_own)
             _set_submodule(self.model, name, layer)
             self.names.append(canonical_name(name))
