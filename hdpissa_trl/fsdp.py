@@ -13,10 +13,49 @@ applied the same way, so one code path shards on CPU and on GPUs.
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
 from torch import nn
+
+TO_FSDP2 = ("To shard W, use FSDP2: `accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` (or "
+            "`fsdp=\"full_shard\", fsdp_config={\"version\": 2}` in the training arguments); see docs/parallelism.md.")
+
+
+def _deepspeed_zero_stage(args) -> int | None:
+    """The ZeRO stage the user asked for (training arguments, their DeepSpeed config, or the launch environment);
+    ``None`` without DeepSpeed."""
+    plugin = getattr(args, "deepspeed_plugin", None) if args is not None else None
+    config = getattr(args, "deepspeed", None) if args is not None else None
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if plugin is None and not config and not launched:
+        return None
+    if getattr(plugin, "zero_stage", None) is not None:
+        return int(plugin.zero_stage)
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    stage = (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage not in (None, "", "auto") else -1
+
+
+def check_deepspeed(args) -> None:
+    """Refuse DeepSpeed before any weight is loaded: ZeRO-3 partitions are flat chunks of the parameters, not rows
+    of W, so no device could fold "its rows" (use FSDP2); every stage averages gradients across devices, which would
+    merge the per-device adapters."""
+    stage = _deepspeed_zero_stage(args)
+    if stage is None:
+        return
+    if stage == 3:
+        raise ValueError("HD-PiSSA cannot train under DeepSpeed ZeRO-3: its partitions are flattened chunks of the "
+                         "parameters, not rows of W, so no device could fold its own rows, and it averages the "
+                         "per-device adapter gradients. " + TO_FSDP2)
+    raise ValueError(f"HD-PiSSA cannot train under DeepSpeed (ZeRO stage {stage if stage >= 0 else 'unknown'}): "
+                     f"DeepSpeed averages the adapter gradients across devices, merging the per-device slices. For a "
+                     f"replicated W launch without DeepSpeed (`accelerate launch --num_processes K`). " + TO_FSDP2)
 
 
 def requested_fsdp_plugin(args, accelerator):

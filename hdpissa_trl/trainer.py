@@ -29,7 +29,7 @@ from trl import SFTTrainer
 
 from .checkpoint import CheckpointMixin
 from .config import HDPiSSAConfig
-from .fsdp import requested_fsdp_plugin, shard_like_accelerate
+from .fsdp import check_deepspeed, requested_fsdp_plugin, shard_like_accelerate
 from .model import find_target_modules, inject_hdpissa
 from .sync import FoldStats
 
@@ -74,6 +74,8 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if method not in METHODS:
             raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
         self.method = method
+        if method == "hdpissa":
+            check_deepspeed(kwargs.get("args", args[1] if len(args) > 1 else None))  # before any weight is loaded
         self.hdpissa_config = hdpissa_config or HDPiSSAConfig()
         self.save_dtype = save_dtype
         takes_peft_config = "peft_config" in inspect.signature(super().__init__).parameters

@@ -221,3 +221,41 @@ def test_fsdp1_and_cpu_offload_are_refused():
     offload = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True)
     with pytest.raises(ValueError, match="CPU offload.*fsdp_offload_params: false"):
         shard_like_accelerate(torch.nn.Linear(2, 2), _accelerator(), offload)
+
+
+def test_deepspeed_is_refused_and_zero3_points_to_fsdp2(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from hdpissa_trl.fsdp import check_deepspeed
+
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    check_deepspeed(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))  # no DeepSpeed: nothing to refuse
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for args in (SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}}, deepspeed_plugin=None),
+                 SimpleNamespace(deepspeed=str(config), deepspeed_plugin=None),
+                 SimpleNamespace(deepspeed=None, deepspeed_plugin=SimpleNamespace(zero_stage=3))):
+        with pytest.raises(ValueError, match="ZeRO-3.*not rows of W.*fsdp2.yaml"):
+            check_deepspeed(args)
+    with pytest.raises(ValueError, match="ZeRO stage 2.*averages the adapter gradients.*fsdp2.yaml"):
+        check_deepspeed(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, deepspeed_plugin=None))
+    # An accelerate DeepSpeed launch config, seen through the environment accelerate launch exports.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_deepspeed(SimpleNamespace(deepspeed=None, deepspeed_plugin=None))
+
+
+def test_trainer_refuses_deepspeed_zero3_before_loading_the_model(monkeypatch, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from hdpissa_trl import HDPiSSASFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}])
+    with pytest.raises(ValueError, match="ZeRO-3.*fsdp2.yaml"):  # not an OSError about the missing model
+        HDPiSSASFTTrainer(model=str(tmp_path / "no-such-model"), args=args, train_dataset=data)
