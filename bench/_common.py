@@ -325,6 +325,39 @@ def allreduce_mean_grads(params) -> None:
         off += g.numel()
 
 
+class CollectiveTap:
+    """While active, every named ``torch.distributed`` collective first calls :meth:`on_call` with its arguments (to
+    count calls and bytes), then runs; the originals are restored on exit. Subclasses say what to count."""
+
+    names: tuple[str, ...] = ()
+
+    def __init__(self):
+        self._orig = {}
+
+    def __enter__(self):
+        for name in self.names:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._orig[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+        self._orig = {}
+
+    def on_call(self, name: str, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.on_call(name, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
 def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:
     """The effective (merged) weight of every block linear, fp32, keyed by the plain model's module name."""
     out: dict[str, torch.Tensor] = {}

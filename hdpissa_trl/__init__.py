@@ -2,7 +2,9 @@
 
 Engine (no ``transformers.Trainer`` inside, importable without ``trl``): :class:`HDPiSSAConfig`,
 :func:`inject_hdpissa` / :class:`HDPiSSAEngine`, :class:`HDPiSSALinear`, :func:`fold_deltas`. Trainer (imported on
-first use, it needs ``trl``): :class:`HDPiSSASFTTrainer` and the reusable :class:`HDPiSSATrainerMixin`.
+first use, it needs ``trl``): :class:`HDPiSSASFTTrainer` and the reusable :class:`HDPiSSATrainerMixin`. W sharded
+by rows with FSDP2: :func:`shard_model`, then :func:`inject_hdpissa` gives a :class:`ShardedHDPiSSAEngine`;
+:func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` (``docs/parallelism.md``).
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ from .precision import WeightUpdater, stochastic_round_to_bf16
 
 __version__ = "0.1.0"
 
-# Public names whose module imports trl: loaded on first attribute access (PEP 562), so engine-only use stays light.
+# Public names whose module imports trl (or torch.distributed's DTensor / checkpoint machinery, for W sharded by
+# rows): loaded on first attribute access (PEP 562), so engine-only use stays light.
 _LAZY = {
     "HDPiSSASFTTrainer": "trainer",
     "HDPiSSATrainerMixin": "trainer",
     "build_peft_config": "trainer",
     "load_hdpissa_checkpoint": "checkpoint",
+    "ShardedHDPiSSAEngine": "sharded",
+    "shard_model": "sharded",
+    "load_sharded_checkpoint": "sharded_checkpoint",
+    "save_sharded_checkpoint": "sharded_checkpoint",
 }
 
 if TYPE_CHECKING:
     from .checkpoint import load_hdpissa_checkpoint
+    from .sharded import ShardedHDPiSSAEngine, shard_model
+    from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
     from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "HDPiSSALinear",
     "HDPiSSASFTTrainer",
     "HDPiSSATrainerMixin",
+    "ShardedHDPiSSAEngine",
     "WeightMismatchError",
     "WeightUpdater",
     "build_peft_config",
@@ -47,6 +57,9 @@ __all__ = [
     "fold_deltas",
     "inject_hdpissa",
     "load_hdpissa_checkpoint",
+    "load_sharded_checkpoint",
+    "save_sharded_checkpoint",
+    "shard_model",
     "stochastic_round_to_bf16",
     "top_singular_factors",
     "weight_checksums",

@@ -9,7 +9,8 @@ PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
 ON_MISMATCH = ("raise", "resync")
 # Fields that change how a run is carried out, not what it computes: a resume may change them; any other field of
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
-OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init")
+OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm")
+SHARDED_COMM = ("auto", "all_gather", "all_to_all")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class HDPiSSAConfig:
                 ``"model"`` (plain add in the model dtype; loses small updates in bf16).
         Communication and safety:
             bucket_size_mb: cap of one gather buffer in MiB; 0 means a single buffer (one collective per step).
+            sharded_comm: with W sharded by rows (FSDP2): ``"all_gather"`` of every device's (dA, dB), or
+                ``"all_to_all"`` (all-gather of dA + all-to-all of each rank's dB rows, fewer bytes); ``"auto"`` picks
+                the one that moves fewer bytes.
             sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
@@ -74,6 +78,11 @@ class HDPiSSAConfig:
     bucket_size_mb: float = field(
         default=0.0, metadata={"help": "Max MiB per gather buffer; 0 = one buffer, one collective per step."}
     )
+    sharded_comm: str = field(
+        default="auto",
+        metadata={"help": "W sharded by rows (FSDP2): 'all_gather' of every (dA, dB), 'all_to_all' (A-side gather + "
+                          "B rows all-to-all) or 'auto' (fewer bytes)."},
+    )
     sync_check_steps: int = field(
         default=50, metadata={"help": "Compare a checksum of W across devices every N folds; 0 disables."}
     )
@@ -97,6 +106,8 @@ class HDPiSSAConfig:
             raise ValueError(f"HDPiSSAConfig.precision must be one of {PRECISION_MODES}, got {self.precision!r}.")
         if self.bucket_size_mb < 0:
             raise ValueError(f"HDPiSSAConfig.bucket_size_mb must be >= 0, got {self.bucket_size_mb!r}.")
+        if self.sharded_comm not in SHARDED_COMM:
+            raise ValueError(f"HDPiSSAConfig.sharded_comm must be one of {SHARDED_COMM}, got {self.sharded_comm!r}.")
         if self.sync_check_steps < 0:
             raise ValueError(f"HDPiSSAConfig.sync_check_steps must be >= 0, got {self.sync_check_steps!r}.")
         if self.on_sync_mismatch not in ON_MISMATCH:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")  # what HDPiSSALinear adds to the wrapped nn.Linear
+# What HDPiSSALinear adds to the wrapped nn.Linear (ShardedHDPiSSALinear keeps B0 as B0_rows + B0_own instead).
+ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all", "B0_rows", "B0_own")
 
 
 def plain_key(key: str) -> str | None:

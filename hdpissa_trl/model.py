@@ -168,21 +168,25 @@ class HDPiSSAEngine:
         check_precision_supported(config.precision, {name: module.weight for name, module in targets})
         for p in model.parameters():
             p.requires_grad_(False)
-
-        factors = _init_factors([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
         self.names: list[str] = []
         self.layers: list[HDPiSSALinear] = []
         self.updaters: list[WeightUpdater] = []
+        self._inject(targets, ranks, show_progress)
+        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
+        self.check_consistency(step=0, on_mismatch="raise")
+
+    def _inject(self, targets: list[tuple[str, nn.Module]], ranks: list[int], show_progress: bool) -> None:
+        """Factor every target (each layer on one rank, broadcast) and swap in the HD-PiSSA layers."""
+        config = self.config
+        factors = _init_factors([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
         for i, ((name, module), r, (A0_all, B0_all)) in enumerate(zip(targets, ranks, factors)):
             layer = HDPiSSALinear(module, r, self.rank, self.world_size, config.lora_alpha / r, config.lora_dropout,
                                   name=name)
             layer.set_initial_factors(A0_all.to(layer.A0_all.device), B0_all.to(layer.B0_all.device))
-            _set_submodule(model, name, layer)
+            _set_submodule(self.model, name, layer)
             self.names.append(name)
             self.layers.append(layer)
             self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i))
-        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
-        self.check_consistency(step=0, on_mismatch="raise")
 
     # -- training ----------------------------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -333,8 +337,16 @@ def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = N
                    group=None, show_progress: bool = True) -> HDPiSSAEngine:
     """Turn ``model`` into an HD-PiSSA model for device ``rank`` of ``world_size`` (in place); returns the engine.
 
-    The engine is also attached as ``model.hdpissa_engine``.
+    The engine is also attached as ``model.hdpissa_engine``. A model already sharded with FSDP2 (DTensor weights,
+    ``fully_shard``) gets the :class:`~hdpissa_trl.sharded.ShardedHDPiSSAEngine`: each rank folds only its rows of W.
     """
-    engine = HDPiSSAEngine(model, config, rank, world_size, group, show_progress)
+    from torch.distributed.tensor import DTensor
+
+    engine_cls = HDPiSSAEngine
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from .sharded import ShardedHDPiSSAEngine
+
+        engine_cls = ShardedHDPiSSAEngine
+    engine = engine_cls(model, config, rank, world_size, group, show_progress)
     model.hdpissa_engine = engine  # type: ignore[attr-defined]
     return engine

@@ -77,6 +77,10 @@ class HDPiSSAScriptArguments(ScriptArguments):
     hdpissa_bucket_size_mb: float = field(
         default=0.0, metadata={"help": "Cap (MiB) of one gather buffer; 0 = one collective per step."}
     )
+    hdpissa_sharded_comm: str = field(
+        default="auto", metadata={"help": "W sharded by rows (FSDP2 launch configs): the fold's exchange, all_gather | "
+                                          "all_to_all | auto (fewer bytes)."}
+    )
     save_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
     )
@@ -106,7 +110,7 @@ def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, se
         target_modules=targets, init_method=script_args.hdpissa_init, n_iter=script_args.hdpissa_niter,
         precision=script_args.hdpissa_precision, sync_check_steps=script_args.hdpissa_sync_check_steps,
         on_sync_mismatch=script_args.hdpissa_on_sync_mismatch, bucket_size_mb=script_args.hdpissa_bucket_size_mb,
-        seed=seed,
+        sharded_comm=script_args.hdpissa_sharded_comm, seed=seed,
     )
 
 

@@ -33,6 +33,7 @@ from .checkpoint import CheckpointMixin, writes_on_each_node
 from .config import HDPiSSAConfig
 from .distributed import is_distributed
 from .fold import FoldStats
+from .fsdp import requested_fsdp_plugin, shard_like_accelerate
 from .model import find_target_modules, inject_hdpissa
 from .parallel import check_parallelism
 
@@ -151,8 +152,19 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                                f"{dist.get_world_size()}.")
         check_parallelism(self.args, model, world)
         self.hdpissa_check_model(model)
+        plugin = requested_fsdp_plugin(self.args, self.accelerator)
+        if plugin is not None:
+            # W sharded by rows: shard the frozen model as accelerate's FSDP2 would, THEN create the adapters, so
+            # FSDP never manages them (no reduce-scatter of their gradients, no broadcast of rank 0's slices).
+            model = shard_like_accelerate(model, self.accelerator, plugin)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
+        backend = dist.get_backend() if is_distributed() else "none"
+        self.accelerator.print(
+            f"HD-PiSSA: K={world} devices (torch.distributed world size {world}, backend {backend}), "
+            + ("W sharded by rows with FSDP2 (each rank folds 1/K of every weight)." if plugin is not None
+               else "W replicated on every device.")
+        )
         if getattr(self.args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
             # Frozen embeddings give hidden states without grad; reentrant checkpointing would then drop the
             # adapter gradients inside checkpointed blocks (PEFT does the same).
@@ -258,6 +270,20 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                           model_name=model_name or os.path.basename(os.path.abspath(out)))
 
     # -- the saved model --------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """With W sharded (FSDP2) every rank takes part: the merged model is gathered onto rank 0 tensor by tensor
+        and written there as plain safetensors shards. Inside a checkpoint W is not gathered at all (its rows are in
+        the checkpoint's torch.distributed.checkpoint files)."""
+        if not self.hdpissa_sharded:
+            return super().save_model(output_dir, _internal_call)
+        if self._hdpissa_in_checkpoint:
+            return
+        state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     # Overridden: transformers' one method that writes the model of every save; here it writes the merged plain model.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.
