@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 INIT_METHODS = ("svd", "randomized")
 PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
 ON_MISMATCH = ("raise", "resync")
+SUBSPACE_MODES = ("fixed", "refactor", "rotate", "moving")
 
 
 @dataclass
@@ -69,6 +70,19 @@ class HDPiSSAConfig:
         default="raise", metadata={"help": "'raise' (stop, naming the layer) or 'resync' (copy rank 0's W, log)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for randomized SVD and stochastic rounding."})
+    subspace: str = field(
+        default="fixed",
+        metadata={"help": "How the owned singular directions evolve: 'fixed' (the paper's scheme). EXPERIMENTAL (see "
+                          "BENCHMARKS.md): 'refactor' (re-factor W every subspace_steps folds, optimizer state "
+                          "restarts), 'rotate' (cycle through the top rotate_pool·K·r initial directions), 'moving' "
+                          "(factors follow the adapters, as PiSSA)."},
+    )
+    subspace_steps: int = field(
+        default=100, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
+    )
+    rotate_pool: int = field(
+        default=2, metadata={"help": "subspace='rotate': the pool holds rotate_pool·K·r initial singular directions."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -91,6 +105,11 @@ class HDPiSSAConfig:
             raise ValueError(
                 f"HDPiSSAConfig.on_sync_mismatch must be one of {ON_MISMATCH}, got {self.on_sync_mismatch!r}."
             )
+        if self.subspace not in SUBSPACE_MODES:
+            raise ValueError(f"HDPiSSAConfig.subspace must be one of {SUBSPACE_MODES}, got {self.subspace!r}.")
+        if self.subspace_steps < 1 or self.rotate_pool < 2:
+            raise ValueError(f"HDPiSSAConfig.subspace_steps must be >= 1 and rotate_pool >= 2, got "
+                             f"{self.subspace_steps!r} and {self.rotate_pool!r}.")
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules:
                 raise ValueError("HDPiSSAConfig.target_modules is empty; give names, a regex or 'all-linear'.")

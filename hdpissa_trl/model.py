@@ -18,6 +18,7 @@ from .config import HDPiSSAConfig
 from .init import distributed_init_factors
 from .layer import HDPiSSALinear
 from .precision import WeightUpdater, check_precision_supported
+from .subspace import SubspaceSchedule
 from .sync import FoldStats, check_weights_consistent, fold_deltas, weight_checksums
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")
@@ -135,6 +136,8 @@ class HDPiSSAEngine:
             self.names.append(name)
             self.layers.append(layer)
             self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i))
+        self.subspace = SubspaceSchedule(self, config.subspace, config.subspace_steps, config.rotate_pool)
+        self.factors_changed = False  # True right after a fold that replaced the factors (restart their optimizer)
         # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
         self.check_consistency(step=0, on_mismatch="raise")
 
@@ -150,7 +153,9 @@ class HDPiSSAEngine:
         """
         self.step += 1
         stats = fold_deltas(self.layers, self.updaters, self.step, group=self.group,
-                            bucket_bytes=int(self.config.bucket_size_mb * 2**20))
+                            bucket_bytes=int(self.config.bucket_size_mb * 2**20),
+                            move_factors=self.subspace.moves_factors)
+        self.factors_changed = self.subspace.after_fold(self)
         if self.config.sync_check_steps and self.step % self.config.sync_check_steps == 0:
             self.check_consistency(self.step)
         return stats
@@ -185,9 +190,11 @@ class HDPiSSAEngine:
             tensors[f"{name}.B0_all"] = layer.B0_all.detach().cpu()
             for key, t in upd.state().items():
                 tensors[f"{name}.precision.{key}"] = t.detach().cpu()
+        tensors.update({f"subspace.{k}": v for k, v in self.subspace.state_dict().items()})
         meta = {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
-                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION}
+                "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION,
+                "subspace": self.config.subspace}
         return {"tensors": tensors, "metadata": meta}
 
     @torch.no_grad()
@@ -200,6 +207,9 @@ class HDPiSSAEngine:
                              f"lora_alpha={self.config.lora_alpha}; its factors A0, B0 depend on lora_alpha / r.")
         expected = {"world_size": str(self.world_size), "r": str(self.config.r),
                     "precision": self.config.precision, "layers": ",".join(self.names)}
+        if meta.get("subspace", "fixed") != self.config.subspace:
+            raise ValueError(f"Cannot resume: the checkpoint was made with subspace={meta.get('subspace')!r}, now "
+                             f"subspace={self.config.subspace!r}.")
         for key, want in expected.items():
             got = meta.get(key)
             if got != want:
@@ -223,6 +233,7 @@ class HDPiSSAEngine:
             master = upd.state().get("master")
             if master is not None:
                 layer.base_layer.weight.copy_(master)
+        self.subspace.load_state_dict({k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")})
         self.step = int(meta.get("step", 0))
 
     # -- merged model -----------------------------------------------------------------------------------------

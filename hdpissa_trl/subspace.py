@@ -1,0 +1,87 @@
+"""Subspace schedules: what happens to the devices' factors ``(A0_k, B0_k)`` between folds.
+
+The paper's scheme (``subspace="fixed"``) restarts every adapter from the same ``(A0_k, B0_k)`` after every fold, so a
+whole run's update stays in the fixed set ``{X·A0 + B0·Y}`` of the initial top-``K·r`` singular subspaces
+(:mod:`hdpissa_trl.analysis.subspace` measures how much of an update lies outside it). The other schedules keep the
+per-step update of rank ``2·K·r`` and the one collective of the fold, and let the set move over a run:
+
+* ``"refactor"``: every ``subspace_steps`` folds, factor the *current* W again (top ``K·r``, same init method) and
+  give the devices the new slices; the adapters' optimizer state restarts (their old moments refer to directions
+  that are gone). Costs one re-factorisation (and its broadcasts, as at init) per ``subspace_steps`` folds.
+* ``"rotate"``: the initial SVD provides a pool of the top ``rotate_pool·K·r`` directions; every ``subspace_steps``
+  folds the devices move to the next window of ``K·r`` of them (cyclically); optimizer state restarts. No collective.
+* ``"moving"``: after a fold each device's factors become its adapter's new values (``A0_k ← A_k``, ``B0_k ← B_k``),
+  known everywhere from the gathered deltas, so the slices drift as PiSSA's adapter does; optimizer state is kept.
+  With K = 1 this is PEFT's PiSSA, step for step.
+
+Every schedule leaves W bit-identical on all devices: the fold is unchanged, refactored factors are computed once per
+layer and broadcast, the rotation pool is broadcast at init, and moved factors come from the same gathered buffer.
+These schedules are experimental; see BENCHMARKS.md for what they did on the benchmark tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SUBSPACE_MODES
+from .init import distributed_init_factors
+
+
+class SubspaceSchedule:
+    """The schedule of one engine. ``after_fold`` runs on every rank right after the fold of step ``engine.step``;
+    it returns True when the factors were replaced, i.e. when the adapters' optimizer state must restart."""
+
+    def __init__(self, engine, mode: str, every: int, pool: int = 2):
+        if mode not in SUBSPACE_MODES:
+            raise ValueError(f"subspace must be one of {SUBSPACE_MODES}, got {mode!r}.")
+        self.mode, self.every, self.pool_size = mode, every, pool
+        self.pool: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if mode == "rotate":
+            K, r = engine.world_size, engine.config.r
+            for name, layer in zip(engine.names, engine.layers):
+                if pool * K * r > min(layer.in_features, layer.out_features):
+                    raise ValueError(
+                        f"subspace='rotate' with rotate_pool={pool} needs rotate_pool·K·r = {pool * K * r} singular "
+                        f"directions, but layer {name!r} has only min(out, in) = "
+                        f"{min(layer.in_features, layer.out_features)}. Lower rotate_pool or r, or exclude the layer.")
+            cfg = engine.config
+            self.pool = distributed_init_factors(
+                [layer.weight for layer in engine.layers], pool * K * r, cfg.init_method, cfg.n_iter, cfg.seed,
+                shard=cfg.shard_init, scale=cfg.scale)
+            for layer, (A, B) in zip(engine.layers, self.pool):  # window 0 (same as the init for an exact SVD)
+                layer.set_initial_factors(A[:K * r].to(layer.A0_all.device), B[:, :K * r].to(layer.B0_all.device))
+
+    @property
+    def moves_factors(self) -> bool:
+        """Whether the fold itself moves the factors to the adapters' new values (``"moving"``)."""
+        return self.mode == "moving"
+
+    @torch.no_grad()
+    def after_fold(self, engine) -> bool:
+        if self.mode in ("fixed", "moving") or engine.step % self.every:
+            return False
+        if self.mode == "refactor":
+            cfg = engine.config
+            weights = [upd.full_precision_weight(layer.weight).to(torch.float32)
+                       for layer, upd in zip(engine.layers, engine.updaters)]
+            factors = distributed_init_factors(weights, engine.world_size * cfg.r, cfg.init_method, cfg.n_iter,
+                                               cfg.seed + engine.step, shard=cfg.shard_init, scale=cfg.scale)
+        else:  # rotate: the next window of K·r directions of the initial pool
+            kr = engine.world_size * engine.config.r
+            t = (engine.step // self.every) % self.pool_size
+            factors = [(A[t * kr:(t + 1) * kr], B[:, t * kr:(t + 1) * kr]) for A, B in self.pool]
+        for layer, (A0_all, B0_all) in zip(engine.layers, factors):
+            layer.set_initial_factors(A0_all.to(layer.A0_all.device), B0_all.to(layer.B0_all.device))
+        return True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The rotation pool (the initial SVD is gone after training); the other modes keep nothing beyond A0/B0."""
+        out = {}
+        for i, (A, B) in enumerate(self.pool):
+            out[f"pool.{i}.A"], out[f"pool.{i}.B"] = A.detach().cpu(), B.detach().cpu()
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i in range(len(self.pool)):
+            A, B = tensors[f"pool.{i}.A"], tensors[f"pool.{i}.B"]
+            self.pool[i] = (A.to(self.pool[i][0].device), B.to(self.pool[i][1].device))
