@@ -156,43 +156,63 @@ def run_one(label: str, seed: int, args, out_dir: str, eval_before: bool) -> dic
 
 # ------------------------------------------------------------------------------------------------- held-out loss
 def heldout_loss(model_dir: str, tasks: list[str], limit: int, cache: str) -> dict[str, float]:
-    """Mean NLL per completion token of a saved model on the first ``limit`` rows of each held-out file.
+    """Mean NLL per completion token of a saved model on the first ``limit`` rows of each held-out file."""
+    return {t: m["loss"] for t, m in heldout_metrics(model_dir, tasks, limit, cache).items()}
+
+
+def heldout_metrics(model_dir: str, tasks: list[str], limit: int, cache: str) -> dict[str, dict[str, float]]:
+    """Held-out loss and accuracy of a saved model on the first ``limit`` rows of each held-out file, by forward passes.
 
     The rows go through the model's chat template exactly as in training (user: prompt, assistant: completion) and
-    only the completion's tokens are scored. A forward pass, no generation: far less noisy than accuracy on a
-    few generated answers, and cheap enough to compute for every run. Cached in the json file ``cache``.
+    only the completion's tokens are scored. Per task: ``loss`` (mean NLL per completion token), ``token_acc``
+    (teacher-forced next-token accuracy), ``exact`` (share of rows whose every completion token is the argmax: greedy
+    decoding would write the reference exactly) and, for rows with ``choices``, ``choice_acc`` (multiple choice by the
+    highest summed log-likelihood). No generation: far less noisy than accuracy on a few generated answers, and cheap
+    enough for every run. Cached in the json file ``cache``.
     """
-    key = {"tasks": tasks, "limit": limit}
+    key = {"tasks": tasks, "limit": limit, "metrics": 2}
     if os.path.exists(cache):
         got = json.load(open(cache))
         if got.get("key") == key:
-            return got["loss"]
+            return got["metrics"]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def score(prompt_text: str, completion: str) -> tuple[float, int, int]:
+        """(summed NLL, completion tokens, argmax-correct tokens) of ``completion`` after the chat-formatted prompt."""
+        user = [{"role": "user", "content": prompt_text}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"chat template of {model_dir}: the prompt is not a prefix of prompt + completion")
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        target = torch.tensor(([-100] * len(p_ids) + ids[len(p_ids):])[1:])
+        mask = target != -100
+        nll = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+        return nll, int(mask.sum()), int((logits.argmax(-1)[mask] == target[mask]).sum())
+
     out = {}
     for spec in tasks:
         name, path = spec.split("=", 1)
         rows = [json.loads(x) for x in open(os.path.join(REPO_ROOT, path), encoding="utf-8") if x.strip()][:limit]
-        nll, count = 0.0, 0
+        nll = count = correct = exact = 0
+        chosen = []
         for row in rows:
-            user = [{"role": "user", "content": row["prompt"]}]
-            prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template(user + [{"role": "assistant", "content": row["completion"]}], tokenize=False)
-            if not full.startswith(prompt):
-                raise ValueError(f"chat template of {model_dir}: the prompt is not a prefix of prompt + completion")
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            ids = tok(full, add_special_tokens=False)["input_ids"]
-            labels = [-100] * len(p_ids) + ids[len(p_ids):]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, :-1].float()
-            target = torch.tensor(labels[1:])
-            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
-            count += int((target != -100).sum())
-        out[name] = nll / max(count, 1)
-    json.dump({"key": key, "loss": out}, open(cache, "w"))
+            n, c, k = score(row["prompt"], row["completion"])
+            nll, count, correct, exact = nll + n, count + c, correct + k, exact + (k == c)
+            if row.get("choices"):
+                lls = [-score(row["prompt"], ch)[0] for ch in row["choices"]]
+                chosen.append(max(range(len(lls)), key=lls.__getitem__) == row["label"])
+        out[name] = {"loss": nll / max(count, 1), "token_acc": correct / max(count, 1), "exact": exact / len(rows)}
+        if chosen:
+            out[name]["choice_acc"] = sum(chosen) / len(chosen)
+    json.dump({"key": key, "metrics": out}, open(cache, "w"))
     return out
 
 
