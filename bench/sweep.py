@@ -189,6 +189,8 @@ def run_smollm2(study_name: str, study: dict, runs: list[dict], work_dir: str, o
 
     heldout = [f"{t}={SMOLLM2_DATA}/{t}_test.jsonl" for t in ("math", "code", "text")]
     env, commit = env_info(threads=1), git_commit()
+    # Seed-major: a sweep cut short still has every method and rate for its first seeds.
+    runs = sorted(runs, key=lambda r: (r["seed"], _label_order(LABELS).index(r["label"]), r["lr"]))
     for run in tqdm(runs, desc=study_name):
         if run["options"]:
             raise SystemExit(f"{run['label']}: SmolLM2 runs go through the recipe, which has no flag for "
