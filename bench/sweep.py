@@ -55,6 +55,7 @@ STUDIES: dict[str, dict] = {
         grid={"hdpissa": ADAPTER_GRID_TINY, "pissa": ADAPTER_GRID_TINY, "lora": ADAPTER_GRID_TINY,
               "full": [3e-4, 1e-3, 3e-3]},
         steps=150, eval_every=15, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2], reference="pissa2",
+        ceiling_ks=[8, 16],  # share of ΔW outside the fixed top-K·r set for K = 2, 4 (r = 4), at every eval
     ),
     "smollm2": dict(
         kind="smollm2", tasks=["multitask"], labels=["hdpissa2", "hdpissa4", "pissa2", "lora2", "full2"],
