@@ -39,12 +39,12 @@ def write_run(results_dir: str, rid: str, record: dict) -> str:
 
 
 def load_runs(results_dir: str) -> list[dict]:
-    """Every run record in ``results_dir`` (sorted by file name)."""
+    """Every run record in ``results_dir`` (files named by :func:`run_id`, sorted by name)."""
     if not os.path.isdir(results_dir):
         return []
     out = []
     for name in sorted(os.listdir(results_dir)):
-        if name.endswith(".json") and not name.startswith("."):
+        if name.endswith(".json") and "__" in name and not name.startswith("."):
             with open(os.path.join(results_dir, name), encoding="utf-8") as f:
                 out.append(json.load(f))
     return out

@@ -121,16 +121,16 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
     is_main = rank == 0
     bases = {k: {n: principal_bases(w, k) for n, w in w0.items()} for k in ceiling_ks} if is_main else {}
 
-    def evaluate() -> dict:
+    def evaluate(step: int) -> dict:
         out = task.evaluate(setup.inner)
-        if bases:
+        if bases and step > 0:  # at step 0 ΔW is only the round-off of PEFT's W_res + s·B0A0
             w_now = linear_weights(setup)
             for k, b in bases.items():
                 fr = outside_fractions(w0, w_now, k, b)
                 out[f"outside_k{k}"] = sum(fr.values()) / len(fr)
         return out
 
-    curve = [(0, evaluate())] if is_main else []
+    curve = [(0, evaluate(0))] if is_main else []
     train_losses = []
     t0 = time.perf_counter()
     train_seconds = 0.0
@@ -149,7 +149,7 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
         train_seconds += time.perf_counter() - ts
         train_losses.append(float(loss.detach()))
         if is_main and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            curve.append((step + 1, evaluate()))
+            curve.append((step + 1, evaluate(step + 1)))
     seconds = time.perf_counter() - t0
     if not is_main:
         return {}

@@ -54,14 +54,14 @@ STUDIES: dict[str, dict] = {
         kind="tiny", tasks=["teacher_student", "multitask"], labels=["hdpissa2", "hdpissa4", "pissa2", "lora2", "full2"],
         grid={"hdpissa": ADAPTER_GRID_TINY, "pissa": ADAPTER_GRID_TINY, "lora": ADAPTER_GRID_TINY,
               "full": [3e-4, 1e-3, 3e-3]},
-        steps=150, eval_every=15, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2], reference="pissa2",
+        steps=150, eval_every=15, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2], references=["pissa2"],
         ceiling_ks=[8, 16],  # share of ΔW outside the fixed top-K·r set for K = 2, 4 (r = 4), at every eval
     ),
     "smollm2": dict(
         kind="smollm2", tasks=["multitask"], labels=["hdpissa2", "hdpissa4", "pissa2", "lora2", "full2"],
         grid={"hdpissa": [1e-4, 3e-4, 1e-3], "pissa": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3],
               "full": [1e-5, 3e-5, 1e-4]},
-        steps=20, r=2, alpha=2.0, global_batch=4, seeds=[0, 1, 2], heldout_limit=32, reference="pissa2",
+        steps=20, r=2, alpha=2.0, global_batch=4, seeds=[0, 1, 2], heldout_limit=32, references=["pissa2"],
     ),
 }
 TINY_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -265,8 +265,30 @@ def _metric_cols(records: list[dict], task: str) -> list[str]:
     return ACCURACY.get(task, [])
 
 
-def summarize_study(name: str, records: list[dict], reference: str | None = None) -> tuple[str, dict]:
-    """Markdown tables (grid, best per method, paired by seed, wins) and a JSON summary of one study."""
+def _paired_lines(task: str, labels: list[str], at_best: dict, ref: str, metric_cols: list[str], out: dict) -> list[str]:
+    """The paired-by-seed table of every label against ``ref`` (each at its best rate); fills ``out[label]``."""
+    ref_by_seed = {r["seed"]: r for r in at_best[ref]}
+    cols = [PRIMARY] + [m for m in metric_cols if m.endswith("_loss")]
+    head = [f"method − {LABEL_NAMES.get(ref, ref)}", "seeds", *[c.replace("eval_loss", "held-out loss") for c in cols]]
+    lines = ["", f"**{task}: paired by seed, difference to {LABEL_NAMES.get(ref, ref)}** (each at its best rate; "
+                 f"negative = lower loss; \"2/3\" = lower in 2 of 3 seeds)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lab in labels:
+        if lab == ref:
+            continue
+        rs = [r for r in at_best[lab] if r["seed"] in ref_by_seed]
+        cells = []
+        for c in cols:
+            d = [r["heldout"][c] - ref_by_seed[r["seed"]]["heldout"][c] for r in rs]
+            cells.append(f"{_fmt(d, 4, sign=True)} ({sum(x < 0 for x in d)}/{len(d)})")
+            out.setdefault(lab, {})[c] = {"mean": mean_std(d)[0], "lower": sum(x < 0 for x in d), "n": len(d)}
+        lines.append("| " + " | ".join([LABEL_NAMES.get(lab, lab), ",".join(str(r["seed"]) for r in rs), *cells])
+                     + " |")
+    return lines
+
+
+def summarize_study(name: str, records: list[dict], references: list[str] = ("pissa2",)) -> tuple[str, dict]:
+    """Markdown tables (grid, best per method, paired by seed against each reference, wins) and a JSON summary."""
     lines, summary = [], {"study": name, "tasks": {}}
     loads = [v for r in records for v in (r.get("load_avg_1min_start"), r.get("load_avg_1min_end")) if v is not None]
     r0 = records[0]
@@ -314,28 +336,10 @@ def summarize_study(name: str, records: list[dict], reference: str | None = None
             tsum["best"][lab] = {"lr": best[(task, lab)]["lr"], "edge": best[(task, lab)]["edge"],
                                  "heldout": mean_std([r["heldout"][PRIMARY] for r in rs])[0],
                                  **{m: mean_std([r["heldout"][m] for r in rs])[0] for m in metric_cols}}
-        # Paired by seed against the reference, each at its best rate.
-        ref = reference if reference in at_best else None
-        if ref:
-            ref_by_seed = {r["seed"]: r for r in at_best[ref]}
-            cols = [PRIMARY] + [m for m in metric_cols if m.endswith("_loss")]
-            head = [f"method − {LABEL_NAMES.get(ref, ref)}", "seeds", *[c.replace("eval_loss", "held-out loss")
-                                                                       for c in cols]]
-            lines += ["", f"**{task}: paired by seed, difference to {LABEL_NAMES.get(ref, ref)}** (each at its best "
-                          f"rate; negative = lower loss; \"2/3\" = lower in 2 of 3 seeds)", "",
-                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for lab in labels:
-                if lab == ref:
-                    continue
-                rs = [r for r in at_best[lab] if r["seed"] in ref_by_seed]
-                cells = []
-                for c in cols:
-                    d = [r["heldout"][c] - ref_by_seed[r["seed"]]["heldout"][c] for r in rs]
-                    cells.append(f"{_fmt(d, 4, sign=True)} ({sum(x < 0 for x in d)}/{len(d)})")
-                    tsum["paired"].setdefault(lab, {})[c] = {"mean": mean_std(d)[0], "lower": sum(x < 0 for x in d),
-                                                             "n": len(d)}
-                lines.append("| " + " | ".join([LABEL_NAMES.get(lab, lab), ",".join(str(r["seed"]) for r in rs),
-                                                *cells]) + " |")
+        # Paired by seed against each reference, each at its best rate.
+        refs = [ref for ref in references if ref in at_best]
+        for ref in refs:
+            lines += _paired_lines(task, labels, at_best, ref, metric_cols, tsum["paired"].setdefault(ref, {}))
         # Wins: per seed, which method has the lowest held-out loss (all methods, and adapters only).
         seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in at_best.values()]))
         adapters = [lab for lab in labels if LABELS.get(lab, ("",))[0] != "full"]
@@ -351,8 +355,95 @@ def summarize_study(name: str, records: list[dict], reference: str | None = None
                       + ", ".join(f"{LABEL_NAMES.get(k, k)} {v}/{len(seeds)}" for k, v in wins_all.items())
                       + "; among adapters: "
                       + ", ".join(f"{LABEL_NAMES.get(k, k)} {v}/{len(seeds)}" for k, v in wins_ad.items()) + "."]
+        # Over training (tiny studies record an eval curve): the difference to the reference at each eval step,
+        # and the share of ΔW outside the fixed top-k sets.
+        for ref in refs if all(r.get("curve") for rs in at_best.values() for r in rs) else []:
+            steps = [c[0] for c in at_best[ref][0]["curve"]][1:]
+            shown = steps[::max(1, len(steps) // 6)]
+            shown += [steps[-1]] if shown[-1] != steps[-1] else []
+            lines += ["", f"**{task}: held-out loss − {LABEL_NAMES.get(ref, ref)} over training** (each at its best "
+                          f"rate, mean over paired seeds)", "",
+                      "| method | " + " | ".join(f"step {x}" for x in shown) + " |", "|---|" + "---|" * len(shown)]
+            for lab in labels:
+                if lab == ref:
+                    continue
+                d = lead_curve(at_best[lab], at_best[ref])
+                tsum.setdefault("lead_curve", {}).setdefault(ref, {})[lab] = d
+                lines.append(f"| {LABEL_NAMES.get(lab, lab)} | " + " | ".join(f"{d[x]:+.4f}" for x in shown) + " |")
+        ks = sorted({int(k[len("outside_k"):]) for rs in at_best.values() for r in rs for k in r["heldout"]
+                     if k.startswith("outside_k")})
+        if ks:
+            curve0 = at_best[labels[0]][0]["curve"]
+            head = ["method", *[f"outside top-{k}: final (layer min–max)" for k in ks],
+                    *[f"outside top-{k}, step {curve0[len(curve0) // 2][0]}" for k in ks]]
+            lines += ["", f"**{task}: share of ΔW outside the fixed set {{X·A0 + B0·Y}} of the initial top-k singular "
+                          f"subspaces**, ‖(I−P_U)ΔW(I−P_V)‖/‖ΔW‖, mean over layers and seeds, each method at its best "
+                          f"rate (k = K·r: 8 for K = 2, 16 for K = 4 at r = 4)", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for lab in labels:
+                rs = at_best[lab]
+                cells = []
+                for k in ks:
+                    per_layer = [lay[f"outside_k{k}"] for r in rs for lay in r["layers"].values()]
+                    cells.append(f"{_fmt([r['heldout'][f'outside_k{k}'] for r in rs], 3)} "
+                                 f"({min(per_layer):.3f}–{max(per_layer):.3f})")
+                for k in ks:
+                    cells.append(_fmt([r["curve"][len(r["curve"]) // 2][1][f"outside_k{k}"] for r in rs], 3))
+                lines.append(f"| {LABEL_NAMES.get(lab, lab)} | " + " | ".join(cells) + " |")
+                tsum.setdefault("outside", {})[lab] = {k: mean_std([r["heldout"][f"outside_k{k}"] for r in rs])[0]
+                                                       for k in ks}
         summary["tasks"][task] = tsum
     return "\n".join(lines), summary
+
+
+def lead_curve(runs: list[dict], ref_runs: list[dict]) -> dict[int, float]:
+    """Mean over paired seeds of (held-out loss of ``runs`` − of ``ref_runs``) at every eval step of the curves."""
+    ref = {r["seed"]: dict((c[0], c[1][PRIMARY]) for c in r["curve"]) for r in ref_runs}
+    out: dict[int, list[float]] = {}
+    for r in runs:
+        if r["seed"] in ref:
+            for step, ev in r["curve"]:
+                if step in ref[r["seed"]] and step > 0:
+                    out.setdefault(step, []).append(ev[PRIMARY] - ref[r["seed"]][step])
+    return {step: sum(v) / len(v) for step, v in sorted(out.items())}
+
+
+def plot_study(name: str, records: list[dict], figures_dir: str | None = None) -> str | None:
+    """Per task: held-out loss over training at each method's best rate (mean over seeds) and, where recorded, the
+    share of ΔW outside the fixed top-k sets. Returns the PNG's path (None without curves)."""
+    from bench._common import FIGURES_DIR, env_line, new_figure
+
+    tasks = sorted({r["task"] for r in records if r.get("curve")})
+    if not tasks:
+        return None
+    best = best_lrs(records)
+    ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"] if k.startswith("outside_k")})
+    fig = new_figure(figsize=(5.2 * (1 + len(ks)), 3.6 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), 1 + len(ks), squeeze=False)
+    for i, task in enumerate(tasks):
+        for lab in _label_order({r["label"] for r in records if r["task"] == task}):
+            rs = [r for r in records if r["task"] == task and r["label"] == lab and r["lr"] == best[(task, lab)]["lr"]]
+            for j, key in enumerate([PRIMARY] + [f"outside_k{k}" for k in ks]):
+                pts = [t for t, c in enumerate(rs[0]["curve"]) if key in c[1] and (key == PRIMARY or c[0] > 0)]
+                vals = [sum(r["curve"][t][1][key] for r in rs) / len(rs) for t in pts]
+                axes[i][j].plot([rs[0]["curve"][t][0] for t in pts], vals,
+                                label=f"{LABEL_NAMES.get(lab, lab)} @ {best[(task, lab)]['lr']:g}")
+        axes[i][0].set_yscale("log")
+        axes[i][0].set_ylabel(f"{task}: held-out loss")
+        for j, k in enumerate(ks, start=1):
+            axes[i][j].set_ylabel(f"share of ΔW outside top-{k} set")
+            axes[i][j].set_ylim(0, 1)
+        for ax in axes[i]:
+            ax.set_xlabel("optimizer step")
+            ax.grid(True, alpha=0.3)
+        axes[i][0].legend(fontsize=7)
+    r0 = records[0]
+    fig.suptitle(f"Study {name}: each method at its best learning rate, mean over seeds (r = {r0['r']}/device)")
+    fig.text(0.005, -0.005, "measured on: " + env_line(r0["env"]), fontsize=7.5, color="0.3", ha="left", va="top")
+    os.makedirs(figures_dir or FIGURES_DIR, exist_ok=True)
+    path = os.path.join(figures_dir or FIGURES_DIR, f"sweep_{name}.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.08)
+    return path
 
 
 BEGIN, END = "<!-- sweep:{}:begin -->", "<!-- sweep:{}:end -->"
@@ -376,11 +467,13 @@ def summary_main(args) -> None:
         if not records:
             print(f"{name}: no runs yet")
             continue
-        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("reference", "pissa2"))
+        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("references", ["pissa2"]))
         with open(os.path.join(study_dir(name, root), "SUMMARY.md"), "w", encoding="utf-8") as f:
             f.write(md + "\n")
         with open(os.path.join(study_dir(name, root), "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
+        if not args.no_figure and plot_study(name, records, args.figures_dir):
+            md += f"\n\n![study {name}](bench/figures/sweep_{name}.png)"
         print(md, "\n")
         if text is not None and BEGIN.format(name) in text:
             text = replace_block(text, name, md)
@@ -457,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("studies", nargs="*", help="default: every study folder in bench/results/sweep")
     summ.add_argument("--benchmarks", default=None, help="also replace the studies' blocks in this markdown file")
     summ.add_argument("--results_dir", default=None, help="where study folders are (default: bench/results/sweep)")
+    summ.add_argument("--figures_dir", default=None, help="where sweep_<study>.png go (default: bench/figures)")
+    summ.add_argument("--no_figure", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
 

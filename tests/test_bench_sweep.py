@@ -31,8 +31,8 @@ def test_summary_best_rate_paired_and_wins(tmp_path):
     best = sweep.best_lrs(recs)
     assert best[("t", "pissa2")]["lr"] == 1e-2 and best[("t", "hdpissa2")]["lr"] == 3e-3
     assert best[("t", "hdpissa2")]["edge"] and best[("t", "pissa2")]["edge"]  # both grids have 2 points
-    md, summary = sweep.summarize_study("s", recs, reference="pissa2")
-    paired = summary["tasks"]["t"]["paired"]["hdpissa2"]["eval_loss"]
+    md, summary = sweep.summarize_study("s", recs, references=["pissa2"])
+    paired = summary["tasks"]["t"]["paired"]["pissa2"]["hdpissa2"]["eval_loss"]
     assert paired["mean"] == pytest.approx(((0.95 - 1.0) + (0.9 - 1.1) + (0.85 - 0.9)) / 3)
     assert (paired["lower"], paired["n"]) == (3, 3)
     assert summary["tasks"]["t"]["wins"]["all"] == {"hdpissa2": 3, "pissa2": 0}
@@ -51,6 +51,7 @@ def test_run_files_are_atomic_and_listed(tmp_path):
     rid = run_id("t", "pissa2", 2, 2.0, 1e-3, 5, 0)
     assert rid == "t__pissa2__r2_a2__lr0.001__steps5__s0"
     write_run(str(tmp_path), rid, {"x": 1})
+    (tmp_path / "summary.json").write_text("{}")  # the summary next to the runs is not a run
     assert load_runs(str(tmp_path)) == [{"x": 1}] and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
@@ -61,7 +62,7 @@ def test_tiny_sweep_writes_one_json_per_run_and_resumes(tmp_path):
 
     sweep.STUDIES["_test"] = dict(kind="tiny", tasks=["teacher_student"], labels=["hdpissa2", "pissa2"],
                                   grid={"hdpissa": [1e-2, 3e-2], "pissa": [1e-2]}, steps=2, eval_every=1, r=2,
-                                  alpha=4.0, global_batch=4, seeds=[0], reference="pissa2", model=quality.QUICK_MODEL,
+                                  alpha=4.0, global_batch=4, seeds=[0], references=["pissa2"], model=quality.QUICK_MODEL,
                                   ceiling_ks=[4])
     try:
         args = ["run", "_test", "--results_dir", str(tmp_path / "res"), "--work_dir", str(tmp_path / "w"),
