@@ -154,6 +154,8 @@ class HDPiSSATrainerMixin:
         if self.accelerator.optimizer_step_was_skipped:
             self._skipped_folds += 1
         self._fold_log.append(self.hdpissa_engine.fold())
+        if self.hdpissa_engine.factors_changed:  # subspace 'refactor'/'rotate': new directions, restart their moments
+            self.optimizer.state.clear()
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

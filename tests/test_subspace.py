@@ -162,3 +162,24 @@ def test_schedule_errors_and_checkpoint_state():
     with pytest.raises(ValueError, match="subspace='rotate', now subspace='fixed'"):
         inject_hdpissa(build_tiny_model("llama", seed=0, num_layers=1), HDPiSSAConfig(r=2, lora_alpha=2), 0, 1,
                        show_progress=False).load_state_dict(state)
+
+
+def test_trainer_restarts_optimizer_state_when_factors_change(tmp_path):
+    """HDPiSSASFTTrainer with subspace='refactor' every 2 folds, 3 steps: Adam's moments restart after fold 2, so its
+    step count is 1 at the end (3 without the restart)."""
+    from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSASFTTrainer
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "m", arch="llama")
+    args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, max_steps=3, learning_rate=1e-2,
+                     per_device_train_batch_size=2, save_strategy="no", report_to=[], max_length=48)
+    steps = {}
+    for mode in ("fixed", "refactor"):
+        trainer = HDPiSSASFTTrainer(model=model_dir, args=args, train_dataset=make_dataset(16),
+                                    hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4, subspace=mode, subspace_steps=2))
+        trainer.train()
+        steps[mode] = {int(st["step"]) for st in trainer.optimizer.state.values()}
+    assert steps == {"fixed": {3}, "refactor": {1}}
