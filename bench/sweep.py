@@ -45,9 +45,14 @@ LABELS: dict[str, tuple[str, int, dict]] = {
     "pissa2": ("pissa", 2, {}),
     "lora2": ("lora", 2, {}),
     "full2": ("full", 2, {}),
+    # Ways past the fixed subspace (HDPiSSAConfig.subspace, experimental): same per-step update, moving subspaces.
+    "hdpissa2_refactor": ("hdpissa", 2, {"subspace": "refactor", "subspace_steps": 50}),
+    "hdpissa2_rotate": ("hdpissa", 2, {"subspace": "rotate", "subspace_steps": 50, "rotate_pool": 2}),
+    "hdpissa2_moving": ("hdpissa", 2, {"subspace": "moving"}),
 }
 LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2": "PEFT PiSSA", "lora2": "PEFT LoRA",
-               "full2": "full FT"}
+               "full2": "full FT", "hdpissa2_refactor": "HD-PiSSA K=2, refactor/50",
+               "hdpissa2_rotate": "HD-PiSSA K=2, rotate/50", "hdpissa2_moving": "HD-PiSSA K=2, moving"}
 ADAPTER_GRID_TINY = [1e-3, 3e-3, 1e-2, 3e-2]
 STUDIES: dict[str, dict] = {
     "tiny": dict(
@@ -56,6 +61,15 @@ STUDIES: dict[str, dict] = {
               "full": [3e-4, 1e-3, 3e-3]},
         steps=150, eval_every=15, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2], references=["pissa2"],
         ceiling_ks=[8, 16],  # share of ΔW outside the fixed top-K·r set for K = 2, 4 (r = 4), at every eval
+    ),
+    # Part of issue 18: ways past the fixed subspace, each at its best rate, against the paper's scheme and PiSSA at
+    # a horizon ≥ 3× where HD-PiSSA K=2's lead over PiSSA vanishes on the multi-task mix in the `tiny` study.
+    "ceiling": dict(
+        kind="tiny", tasks=["multitask", "teacher_student"],
+        labels=["hdpissa2", "hdpissa2_refactor", "hdpissa2_rotate", "hdpissa2_moving", "pissa2"],
+        grid={"hdpissa": [1e-3, 3e-3, 1e-2], "pissa": [1e-3, 3e-3, 1e-2]},
+        steps=300, eval_every=30, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2],
+        references=["hdpissa2", "pissa2"], ceiling_ks=[8],
     ),
     "smollm2": dict(
         kind="smollm2", tasks=["multitask"], labels=["hdpissa2", "hdpissa4", "pissa2", "lora2", "full2"],
