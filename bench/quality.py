@@ -128,6 +128,7 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
             for k, b in bases.items():
                 fr = outside_fractions(w0, w_now, k, b)
                 out[f"outside_k{k}"] = sum(fr.values()) / len(fr)
+                out[f"outside_k{k}_layers"] = fr
         return out
 
     curve = [(0, evaluate(0))] if is_main else []

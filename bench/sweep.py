@@ -66,8 +66,8 @@ STUDIES: dict[str, dict] = {
     # a horizon ≥ 3× where HD-PiSSA K=2's lead over PiSSA vanishes on the multi-task mix in the `tiny` study.
     "ceiling": dict(
         kind="tiny", tasks=["multitask", "teacher_student"],
-        labels=["hdpissa2", "hdpissa2_refactor", "hdpissa2_rotate", "hdpissa2_moving", "pissa2"],
-        grid={"hdpissa": [1e-3, 3e-3, 1e-2], "pissa": [1e-3, 3e-3, 1e-2]},
+        labels=["hdpissa2", "hdpissa2_refactor", "hdpissa2_rotate", "hdpissa2_moving", "pissa2", "full2"],
+        grid={"hdpissa": [1e-3, 3e-3, 1e-2], "pissa": [1e-3, 3e-3, 1e-2], "full": [1e-3]},
         steps=300, eval_every=30, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2],
         references=["hdpissa2", "pissa2"], ceiling_ks=[8],
     ),
@@ -385,7 +385,7 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                 tsum.setdefault("lead_curve", {}).setdefault(ref, {})[lab] = d
                 lines.append(f"| {LABEL_NAMES.get(lab, lab)} | " + " | ".join(f"{d[x]:+.4f}" for x in shown) + " |")
         ks = sorted({int(k[len("outside_k"):]) for rs in at_best.values() for r in rs for k in r["heldout"]
-                     if k.startswith("outside_k")})
+                     if k.startswith("outside_k") and not k.endswith("_layers")})
         if ks:
             curve0 = at_best[labels[0]][0]["curve"]
             head = ["method", *[f"outside top-{k}: final (layer min–max)" for k in ks],
@@ -406,8 +406,28 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                 lines.append(f"| {LABEL_NAMES.get(lab, lab)} | " + " | ".join(cells) + " |")
                 tsum.setdefault("outside", {})[lab] = {k: mean_std([r["heldout"][f"outside_k{k}"] for r in rs])[0]
                                                        for k in ks}
+            lines += _per_layer_lines(task, labels, at_best, ks[0])
         summary["tasks"][task] = tsum
     return "\n".join(lines), summary
+
+
+def _per_layer_lines(task: str, labels: list[str], at_best: dict, k: int) -> list[str]:
+    """Per layer, over training, the share of full FT's and PiSSA's ΔW outside the fixed top-k set (mean over seeds;
+    only runs that recorded it per layer at every eval)."""
+    labs = [lab for lab in labels if LABELS.get(lab, ("",))[0] in ("full", "pissa")
+            and all(f"outside_k{k}_layers" in r["curve"][-1][1] for r in at_best[lab])]
+    if not labs:
+        return []
+    curve = at_best[labs[0]][0]["curve"]
+    idx = [i for i in sorted({len(curve) // 4, len(curve) // 2, len(curve) - 1}) if f"outside_k{k}_layers" in curve[i][1]]
+    head = ["layer", *[f"{LABEL_NAMES.get(lab, lab)}, step {curve[i][0]}" for lab in labs for i in idx]]
+    lines = ["", f"**{task}: per layer, share of ΔW outside the fixed top-{k} set over training** (mean over seeds, "
+                 f"each method at its best rate)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in at_best[labs[0]][0]["curve"][-1][1][f"outside_k{k}_layers"]:
+        cells = [f"{mean_std([r['curve'][i][1][f'outside_k{k}_layers'][name] for r in at_best[lab]])[0]:.3f}"
+                 for lab in labs for i in idx]
+        lines.append(f"| {name.replace('model.layers.', '')} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def lead_curve(runs: list[dict], ref_runs: list[dict]) -> dict[int, float]:
@@ -431,7 +451,8 @@ def plot_study(name: str, records: list[dict], figures_dir: str | None = None) -
     if not tasks:
         return None
     best = best_lrs(records)
-    ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"] if k.startswith("outside_k")})
+    ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"]
+                 if k.startswith("outside_k") and not k.endswith("_layers")})
     fig = new_figure(figsize=(5.2 * (1 + len(ks)), 3.6 * len(tasks)), layout="constrained")
     axes = fig.subplots(len(tasks), 1 + len(ks), squeeze=False)
     for i, task in enumerate(tasks):
