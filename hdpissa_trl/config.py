@@ -36,6 +36,10 @@ class HDPiSSAConfig:
             sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
+        Subspace schedule (:mod:`hdpissa_trl.subspace`):
+            subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"`` or experimental ``"moving"``.
+            subspace_steps: folds between two changes of the factors (rotate, refactor).
+            rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
@@ -72,13 +76,15 @@ class HDPiSSAConfig:
     seed: int = field(default=0, metadata={"help": "Seed for randomized SVD and stochastic rounding."})
     subspace: str = field(
         default="fixed",
-        metadata={"help": "How the owned singular directions evolve: 'fixed' (the paper's scheme). EXPERIMENTAL (see "
-                          "BENCHMARKS.md): 'refactor' (re-factor W every subspace_steps folds, optimizer state "
-                          "restarts), 'rotate' (cycle through the top rotate_pool·K·r initial directions), 'moving' "
-                          "(factors follow the adapters, as PiSSA)."},
+        metadata={"help": "How the owned singular directions evolve: 'fixed' (the paper: the run's update stays in the "
+                          "initial top-K·r subspaces), 'rotate' (every subspace_steps folds the devices move to the next "
+                          "K·r of the top rotate_pool·K·r initial directions; optimizer state restarts), 'refactor' "
+                          "(every subspace_steps folds re-factor the current W; optimizer state restarts), or "
+                          "EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not better than 'fixed' on "
+                          "the multi-task benchmark). rotate/refactor beat 'fixed' and PiSSA in BENCHMARKS.md §6."},
     )
     subspace_steps: int = field(
-        default=100, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
+        default=50, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
     )
     rotate_pool: int = field(
         default=2, metadata={"help": "subspace='rotate': the pool holds rotate_pool·K·r initial singular directions."}

@@ -183,7 +183,9 @@ class HDPiSSATrainerMixin:
             info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
                          "update rank per step (2·K·r)": 2 * K * cfg.r,
                          "directions owned (K·r)": K * cfg.r, "init": cfg.init_method,
-                         "W precision": cfg.precision, "target modules": cfg.target_modules})
+                         "W precision": cfg.precision, "target modules": cfg.target_modules,
+                         "subspace schedule": cfg.subspace + ("" if cfg.subspace in ("fixed", "moving") else
+                                                              f" every {cfg.subspace_steps} folds")})
         elif self.method in ("pissa", "lora"):
             info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
         args = self.args

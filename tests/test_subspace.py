@@ -183,3 +183,16 @@ def test_trainer_restarts_optimizer_state_when_factors_change(tmp_path):
         trainer.train()
         steps[mode] = {int(st["step"]) for st in trainer.optimizer.state.values()}
     assert steps == {"fixed": {3}, "refactor": {1}}
+
+
+def test_recipe_flags_reach_the_config():
+    """`--hdpissa_subspace rotate --hdpissa_subspace_steps 7 --hdpissa_rotate_pool 3` build the matching config."""
+    from types import SimpleNamespace
+
+    from hdpissa_trl.recipe import HDPiSSAScriptArguments, hdpissa_config_from_args
+
+    model_args = SimpleNamespace(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_target_modules=None)
+    cfg = hdpissa_config_from_args(HDPiSSAScriptArguments(hdpissa_subspace="rotate", hdpissa_subspace_steps=7,
+                                                          hdpissa_rotate_pool=3), model_args)
+    assert (cfg.subspace, cfg.subspace_steps, cfg.rotate_pool) == ("rotate", 7, 3)
+    assert hdpissa_config_from_args(HDPiSSAScriptArguments(), model_args).subspace == "fixed"
