@@ -76,6 +76,9 @@ STUDIES: dict[str, dict] = {
         grid={"hdpissa": [1e-4, 3e-4, 1e-3], "pissa": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3],
               "full": [1e-5, 3e-5, 1e-4]},
         steps=20, r=2, alpha=2.0, global_batch=4, seeds=[0, 1, 2], heldout_limit=16, references=["pissa2"],
+        # Compute-bound (a run is 2-4 min on 2 shared cores): each method's rate is chosen on seed 0's grid, then
+        # seeds 1 and 2 run at that rate only, and the methods are compared paired by seed at their chosen rates.
+        select_seeds=[0],
     ),
 }
 TINY_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -258,13 +261,17 @@ def _fmt(xs: list[float], digits: int = 4, sign: bool = False) -> str:
     return f.format(m) + (f" ± {s:.{digits}f}" if len(xs) > 1 else "")
 
 
-def best_lrs(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """Per (task, label): the learning rate with the lowest mean held-out loss over seeds, and the grid it beat."""
+def best_lrs(records: list[dict], select_seeds: list[int] | None = None) -> dict[tuple[str, str], dict]:
+    """Per (task, label): the learning rate with the lowest mean held-out loss over seeds, and the grid it beat.
+
+    A study with ``select_seeds`` chooses the rate on those seeds only (its other seeds run at the chosen rate)."""
+    if select_seeds is None and records:
+        select_seeds = STUDIES.get(records[0].get("study"), {}).get("select_seeds")
     out = {}
     for task, label in sorted({(r["task"], r["label"]) for r in records}):
         by_lr: dict[float, list[float]] = {}
         for r in records:
-            if (r["task"], r["label"]) == (task, label):
+            if (r["task"], r["label"]) == (task, label) and (select_seeds is None or r["seed"] in select_seeds):
                 by_lr.setdefault(r["lr"], []).append(r["heldout"][PRIMARY])
         means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
         best = min(means, key=means.get)
@@ -553,6 +560,19 @@ def run_main(args) -> None:
     quiet_hf()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="sweep-")
     os.makedirs(work_dir, exist_ok=True)
+    select = study.get("select_seeds")
+    grid_seeds = [s for s in study["seeds"] if select is None or s in select]
+
+    def execute(runs: list[dict]) -> None:
+        todo = [r for r in runs if not run_exists(out_dir, r["id"])]
+        print(f"[sweep] {name}: {len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
+        if not todo:
+            return
+        if study["kind"] == "tiny":
+            run_tiny(name, study, todo, work_dir, out_dir)
+        else:
+            run_smollm2(name, study, todo, work_dir, out_dir, keep_models=args.keep_models)
+
     for round_ in range(1 + args.extend_edges):
         lrs = None
         if round_:
@@ -560,15 +580,13 @@ def run_main(args) -> None:
             if not lrs:
                 break
             print(f"[sweep] best rate at the edge of the grid, extending: {lrs}", flush=True)
-        runs = plan(study, [lab for lab in labels if not lrs or lab in lrs], lrs=lrs)
-        todo = [r for r in runs if not run_exists(out_dir, r["id"])]
-        print(f"[sweep] {name}: {len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
-        if not todo:
-            continue
-        if study["kind"] == "tiny":
-            run_tiny(name, study, todo, work_dir, out_dir)
-        else:
-            run_smollm2(name, study, todo, work_dir, out_dir, keep_models=args.keep_models)
+        execute(plan(study, [lab for lab in labels if not lrs or lab in lrs], seeds=grid_seeds, lrs=lrs))
+    rest = [s for s in study["seeds"] if s not in grid_seeds]
+    if rest:  # the remaining seeds at each label's chosen rate
+        best = best_lrs([r for r in load_runs(out_dir) if r["label"] in labels], select)
+        chosen = {lab: [b["lr"]] for (_, lab), b in best.items()}
+        print(f"[sweep] rates chosen on seeds {grid_seeds}: {chosen}; seeds {rest} run at those", flush=True)
+        execute(plan(study, [lab for lab in labels if lab in chosen], seeds=rest, lrs=chosen))
     if not args.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
 
