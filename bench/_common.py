@@ -267,7 +267,7 @@ class MethodSetup:
 
 def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: int = 0, distributed: bool = False,
                  init_method: str = "svd", n_iter: int = 4, precision: str = "fp32", use_ddp: bool = True,
-                 target_modules="all-linear") -> MethodSetup:
+                 target_modules="all-linear", hdpissa_options: dict | None = None) -> MethodSetup:
     """Prepare ``model`` (in place) for method ``name`` in {hdpissa, lora, pissa, full, official}.
 
     Data-parallel baselines (lora, pissa, full) are wrapped in ``DistributedDataParallel`` when ``distributed`` and
@@ -276,7 +276,7 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
     cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
-                        n_iter=n_iter, precision=precision, sync_check_steps=0)
+                        n_iter=n_iter, precision=precision, sync_check_steps=0, **(hdpissa_options or {}))
     if name == "hdpissa":
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
 

@@ -11,6 +11,7 @@ ON_MISMATCH = ("raise", "resync")
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
 OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm")
 SHARDED_COMM = ("auto", "all_gather", "all_to_all")
+SUBSPACE_MODES = ("fixed", "refactor", "rotate", "moving")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class HDPiSSAConfig:
             sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
+        Subspace schedule (:mod:`hdpissa_trl.subspace`):
+            subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"`` or experimental ``"moving"``.
+            subspace_steps: folds between two changes of the factors (rotate, refactor).
+            rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
@@ -90,6 +95,21 @@ class HDPiSSAConfig:
         default="raise", metadata={"help": "'raise' (stop, naming the layer) or 'resync' (copy rank 0's W, log)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for randomized SVD and stochastic rounding."})
+    subspace: str = field(
+        default="fixed",
+        metadata={"help": "How the owned singular directions evolve: 'fixed' (the paper: the run's update stays in the "
+                          "initial top-K·r subspaces), 'rotate' (every subspace_steps folds the devices move to the next "
+                          "K·r of the top rotate_pool·K·r initial directions; optimizer state restarts), 'refactor' "
+                          "(every subspace_steps folds re-factor the current W; optimizer state restarts), or "
+                          "EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not better than 'fixed' on "
+                          "the multi-task benchmark). rotate/refactor beat 'fixed' and PiSSA in BENCHMARKS.md §6."},
+    )
+    subspace_steps: int = field(
+        default=50, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
+    )
+    rotate_pool: int = field(
+        default=2, metadata={"help": "subspace='rotate': the pool holds rotate_pool·K·r initial singular directions."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -114,6 +134,11 @@ class HDPiSSAConfig:
             raise ValueError(
                 f"HDPiSSAConfig.on_sync_mismatch must be one of {ON_MISMATCH}, got {self.on_sync_mismatch!r}."
             )
+        if self.subspace not in SUBSPACE_MODES:
+            raise ValueError(f"HDPiSSAConfig.subspace must be one of {SUBSPACE_MODES}, got {self.subspace!r}.")
+        if self.subspace_steps < 1 or self.rotate_pool < 2:
+            raise ValueError(f"HDPiSSAConfig.subspace_steps must be >= 1 and rotate_pool >= 2, got "
+                             f"{self.subspace_steps!r} and {self.rotate_pool!r}.")
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules:
                 raise ValueError("HDPiSSAConfig.target_modules is empty; give names, a regex or 'all-linear'.")

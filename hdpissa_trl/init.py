@@ -75,3 +75,18 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
             dist.broadcast(factors[i][0], src=owners[i])
             dist.broadcast(factors[i][1], src=owners[i])
     return factors  # type: ignore[return-value]
+
+
+def init_factors_per_layer(weights: list[torch.Tensor], ranks: list[int], world_size: int, config,
+                  show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Initial factors of every layer, ``world_size·r_layer`` directions each, scaled by ``lora_alpha / r_layer``
+    (one :func:`distributed_init_factors` call per distinct rank). ``config`` is an :class:`HDPiSSAConfig`."""
+    factors: list = [None] * len(weights)
+    for r in sorted(set(ranks), reverse=True):
+        idx = [i for i, ri in enumerate(ranks) if ri == r]
+        group = distributed_init_factors([weights[i] for i in idx], world_size * r, config.init_method,
+                                         config.n_iter, config.seed, shard=config.shard_init,
+                                         show_progress=show_progress, scale=config.lora_alpha / r)
+        for i, f in zip(idx, group):
+            factors[i] = f
+    return factors

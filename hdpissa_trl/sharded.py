@@ -353,6 +353,9 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
 
     def __init__(self, model: nn.Module, config, rank: int | None = None, world_size: int | None = None,
                  group=None, show_progress: bool = True):
+        if config.subspace != "fixed":
+            raise ValueError(f"HDPiSSAConfig.subspace={config.subspace!r} is not available with W sharded by rows "
+                             f"(FSDP2) yet: use subspace='fixed', or the replicated engine (a DDP launch).")
         if group is None:
             targets = find_target_modules(model, config)
             sharded = [mod.weight for _, mod in targets if is_row_sharded(mod.weight)]

@@ -208,6 +208,8 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             self._skipped_steps += 1
             return
         self._fold_log.append(self.hdpissa_engine.fold())
+        if self.hdpissa_engine.factors_changed:  # subspace 'refactor'/'rotate': new directions, restart their moments
+            self.optimizer.state.clear()
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -236,7 +238,9 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
                          "update rank per step (2·K·r)": 2 * K * cfg.r,
                          "directions owned (K·r)": K * cfg.r, "init": cfg.init_method,
-                         "W precision": cfg.precision, "target modules": cfg.target_modules})
+                         "W precision": cfg.precision, "target modules": cfg.target_modules,
+                         "subspace schedule": cfg.subspace + ("" if cfg.subspace in ("fixed", "moving") else
+                                                              f" every {cfg.subspace_steps} folds")})
         elif self.method in ("pissa", "lora"):
             info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
         info.update({"learning rate": args.learning_rate,
