@@ -267,7 +267,7 @@ class MethodSetup:
 
 def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: int = 0, distributed: bool = False,
                  init_method: str = "svd", n_iter: int = 4, precision: str = "fp32", use_ddp: bool = True,
-                 target_modules="all-linear") -> MethodSetup:
+                 target_modules="all-linear", hdpissa_options: dict | None = None) -> MethodSetup:
     """Prepare ``model`` (in place) for method ``name`` in {hdpissa, lora, pissa, full, official}.
 
     Data-parallel baselines (lora, pissa, full) are wrapped in ``DistributedDataParallel`` when ``distributed`` and
@@ -276,7 +276,7 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
     cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
-                        n_iter=n_iter, precision=precision, sync_check_steps=0)
+                        n_iter=n_iter, precision=precision, sync_check_steps=0, **(hdpissa_options or {}))
     if name == "hdpissa":
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
 
@@ -323,6 +323,39 @@ def allreduce_mean_grads(params) -> None:
     for g in grads:
         g.copy_(flat[off:off + g.numel()].view_as(g))
         off += g.numel()
+
+
+class CollectiveTap:
+    """While active, every named ``torch.distributed`` collective first calls :meth:`on_call` with its arguments (to
+    count calls and bytes), then runs; the originals are restored on exit. Subclasses say what to count."""
+
+    names: tuple[str, ...] = ()
+
+    def __init__(self):
+        self._orig = {}
+
+    def __enter__(self):
+        for name in self.names:
+            fn = getattr(dist, name, None)
+            if fn is not None:
+                self._orig[name] = fn
+                setattr(dist, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
+        self._orig = {}
+
+    def on_call(self, name: str, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            self.on_call(name, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapped
 
 
 def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:

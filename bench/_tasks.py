@@ -71,8 +71,11 @@ class TeacherStudentTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        rel = float(F.mse_loss(model(input_ids=self.eval_ids).logits, self.eval_target)) / self.scale
-        return {"eval_loss": rel}
+        """``eval_loss``: relative MSE; ``agree``: share of held-out positions whose top token is the teacher's."""
+        logits = model(input_ids=self.eval_ids).logits
+        rel = float(F.mse_loss(logits, self.eval_target)) / self.scale
+        agree = float((logits.argmax(-1) == self.eval_target.argmax(-1)).float().mean())
+        return {"eval_loss": rel, "agree": agree}
 
 
 # --------------------------------------------------------------------------------------------- multi-task mix LM
@@ -174,9 +177,12 @@ class MultiTaskLM:
             lp = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1),
                                  reduction="none").view_as(labels)
             out[f"{task}_loss"] = float((lp * mask).sum() / mask.sum())
-            out[f"{task}_token_acc"] = float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum())
+            hit = (logits.argmax(-1) == labels) & mask
+            out[f"{task}_token_acc"] = float(hit.sum() / mask.sum())
+            out[f"{task}_exact"] = float((hit.sum(1) == mask.sum(1)).float().mean())  # greedy writes it exactly
         out["eval_loss"] = sum(out[f"{t}_loss"] for t in TASKS) / len(TASKS)
         out["token_acc"] = sum(out[f"{t}_token_acc"] for t in TASKS) / len(TASKS)
+        out["exact"] = sum(out[f"{t}_exact"] for t in TASKS) / len(TASKS)
         return out
 
 

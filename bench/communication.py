@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from bench._common import (
+    CollectiveTap,
     add_output_args,
     build_llama,
     env_info,
@@ -69,28 +70,17 @@ def formula(shapes: list[tuple[int, int]], r: int, K: int, buckets: int = 1) -> 
     }
 
 
-class CollectiveCounter:
-    """Wraps ``torch.distributed`` collectives; counts calls and the bytes each rank contributes and receives."""
+class CollectiveCounter(CollectiveTap):
+    """Counts the wrapped collectives' calls and the bytes each rank contributes and receives (while ``enabled``)."""
+
+    names = COLLECTIVES
 
     def __init__(self):
+        super().__init__()
         self.enabled = False
         self.calls: dict[str, int] = {}
         self.contributed = 0
         self.received = 0
-        self._orig = {}
-
-    def __enter__(self):
-        for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is None:
-                continue
-            self._orig[name] = fn
-            setattr(dist, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._orig.items():
-            setattr(dist, name, fn)
 
     def reset(self):
         self.calls, self.contributed, self.received = {}, 0, 0
@@ -101,20 +91,17 @@ class CollectiveCounter:
             return sum(CollectiveCounter._nbytes(x) for x in t)
         return t.numel() * t.element_size() if torch.is_tensor(t) else 0
 
-    def _wrap(self, name, fn):
-        def wrapped(*args, **kwargs):
-            if self.enabled:
-                self.calls[name] = self.calls.get(name, 0) + 1
-                if name in ("all_gather_single", "all_gather_into_tensor", "all_gather"):
-                    out = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
-                    inp = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("tensor"))
-                    self.contributed += self._nbytes(inp)
-                    self.received += self._nbytes(out) - self._nbytes(inp)
-                elif torch.is_tensor(args[0] if args else None):
-                    self.contributed += self._nbytes(args[0])
-            return fn(*args, **kwargs)
-
-        return wrapped
+    def on_call(self, name: str, args: tuple, kwargs: dict) -> None:
+        if not self.enabled:
+            return
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if name in ("all_gather_single", "all_gather_into_tensor", "all_gather"):
+            out = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
+            inp = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("tensor"))
+            self.contributed += self._nbytes(inp)
+            self.received += self._nbytes(out) - self._nbytes(inp)
+        elif torch.is_tensor(args[0] if args else None):
+            self.contributed += self._nbytes(args[0])
 
 
 def measure(preset: str, r: int, steps: int, rank: int, world: int) -> dict:

@@ -121,7 +121,7 @@ def inject_official_style(model: nn.Module, r: int, lora_alpha: float, rank: int
     for p in model.parameters():
         p.requires_grad_(False)
     factors = distributed_init_factors([m.weight for _, m in targets], world_size * r, init_method, 4, 0,
-                                       shard=True)
+                                       shard=True, scale=cfg.scale)  # the engine's lora_alpha convention
     names, layers = [], []
     for (name, module), (A0_all, B0_all) in zip(targets, factors):
         layer = OfficialStyleLinear(module, A0_all, B0_all, r, rank, world_size, cfg.scale)

@@ -98,19 +98,43 @@ def make_task(name: str, seed: int, cfg: dict):
 
 
 def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, eval_every: int, seed: int,
-              rank: int = 0, world: int = 1, distributed: bool = False, keep_spectra: bool = False) -> dict:
-    """Train one method on one task for ``steps`` optimizer steps; eval curve, final metrics and ΔW spectra."""
+              rank: int = 0, world: int = 1, distributed: bool = False, keep_spectra: bool = False,
+              hdpissa_options: dict | None = None, ceiling_ks: tuple[int, ...] = ()) -> dict:
+    """Train one method on one task for ``steps`` optimizer steps; eval curve, final metrics and ΔW spectra.
+
+    ``hdpissa_options``: extra :class:`HDPiSSAConfig` fields (e.g. a subspace schedule). ``ceiling_ks``: at every
+    eval point also record the mean share of ΔW outside the fixed top-k subspace set (``outside_k{k}``, see
+    :mod:`hdpissa_trl.analysis.subspace`) for each k, and per layer at the end.
+    """
+    from bench._common import linear_weights
+    from hdpissa_trl.analysis.subspace import outside_fractions, principal_bases
+
     model = task.new_student()
     names = block_linear_names(model)
     w0 = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
     torch.manual_seed(seed)  # identical LoRA init on every rank
-    setup = setup_method(method, model, r, alpha, world=world, rank=rank, distributed=distributed, use_ddp=False)
+    setup = setup_method(method, model, r, alpha, world=world, rank=rank, distributed=distributed, use_ddp=False,
+                         hdpissa_options=hdpissa_options)
     opt = torch.optim.AdamW(setup.params, lr=lr, weight_decay=0.0)
     is_main = rank == 0
-    curve = [(0, task.evaluate(setup.inner))] if is_main else []
+    bases = {k: {n: principal_bases(w, k) for n, w in w0.items()} for k in ceiling_ks} if is_main else {}
+
+    def evaluate(step: int) -> dict:
+        out = task.evaluate(setup.inner)
+        if bases and step > 0:  # at step 0 ΔW is only the round-off of PEFT's W_res + s·B0A0
+            w_now = linear_weights(setup)
+            for k, b in bases.items():
+                fr = outside_fractions(w0, w_now, k, b)
+                out[f"outside_k{k}"] = sum(fr.values()) / len(fr)
+                out[f"outside_k{k}_layers"] = fr
+        return out
+
+    curve = [(0, evaluate(0))] if is_main else []
     train_losses = []
     t0 = time.perf_counter()
+    train_seconds = 0.0
     for step in range(steps):
+        ts = time.perf_counter()
         loss = task.loss(setup.model, task.train_batch(step, rank))
         loss.backward()
         if setup.name in ("lora", "pissa", "full") and distributed:
@@ -119,14 +143,15 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
         opt.zero_grad(set_to_none=True)
         if setup.after_step is not None:
             setup.after_step()
+            if getattr(setup.engine, "factors_changed", False):  # new subspace: a restart of the adapters' moments
+                opt.state.clear()
+        train_seconds += time.perf_counter() - ts
         train_losses.append(float(loss.detach()))
         if is_main and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            curve.append((step + 1, task.evaluate(setup.inner)))
+            curve.append((step + 1, evaluate(step + 1)))
     seconds = time.perf_counter() - t0
     if not is_main:
         return {}
-    from bench._common import linear_weights
-
     w1 = linear_weights(setup)
     layers = {}
     for n in names:
@@ -136,9 +161,13 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
         if keep_spectra:
             entry["singular_values"] = [float(f"{v:.5g}") for v in sv.tolist()]
         layers[n] = entry
+    for k, b in bases.items():
+        for n, fr in outside_fractions(w0, w1, k, b).items():
+            layers[n][f"outside_k{k}"] = fr
     return {"method": method, "seed": seed, "lr": lr, "curve": curve, "final": curve[-1][1],
             "train_loss_last10": sum(train_losses[-10:]) / len(train_losses[-10:]), "seconds": seconds,
-            "layers": layers}
+            "train_seconds": train_seconds, "train_losses": train_losses,
+            "trainable_numel": sum(p.numel() for p in setup.params), "layers": layers}
 
 
 def plan_runs(cfg: dict, K: int) -> list[dict]:

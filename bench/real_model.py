@@ -154,43 +154,84 @@ def run_one(label: str, seed: int, args, out_dir: str, eval_before: bool) -> dic
 
 # ------------------------------------------------------------------------------------------------- held-out loss
 def heldout_loss(model_dir: str, tasks: list[str], limit: int, cache: str) -> dict[str, float]:
-    """Mean NLL per completion token of a saved model on the first ``limit`` rows of each held-out file.
+    """Mean NLL per completion token of a saved model on the first ``limit`` rows of each held-out file."""
+    return {t: m["loss"] for t, m in heldout_metrics(model_dir, tasks, limit, cache).items()}
+
+
+def heldout_metrics(model_dir: str, tasks: list[str], limit: int, cache: str,
+                    choices: bool = True) -> dict[str, dict[str, float]]:
+    """Held-out loss and accuracy of a saved model on the first ``limit`` rows of each held-out file, by forward passes.
 
     The rows go through the model's chat template exactly as in training (user: prompt, assistant: completion) and
-    only the completion's tokens are scored. A forward pass, no generation: far less noisy than accuracy on a
-    few generated answers, and cheap enough to compute for every run. Cached in the json file ``cache``.
+    only the completion's tokens are scored. Per task: ``loss`` (mean NLL per completion token), ``token_acc``
+    (teacher-forced next-token accuracy), ``exact`` (share of rows whose every completion token is the argmax: greedy
+    decoding would write the reference exactly) and, for rows with ``choices`` (unless ``choices=False``: it costs a
+    forward pass per option), ``choice_acc`` (multiple choice by the highest summed log-likelihood). No generation:
+    far less noisy than accuracy on a few generated answers, and cheap enough for every run. Cached in ``cache``.
     """
-    key = {"tasks": tasks, "limit": limit}
+    key = {"tasks": tasks, "limit": limit, "metrics": 2, "choices": choices}
     if os.path.exists(cache):
         got = json.load(open(cache))
         if got.get("key") == key:
-            return got["loss"]
+            return got["metrics"]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def encode(prompt_text: str, completion: str) -> tuple[list[int], int]:
+        """Token ids of the chat-formatted prompt + completion, and the prompt's length."""
+        user = [{"role": "user", "content": prompt_text}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"chat template of {model_dir}: the prompt is not a prefix of prompt + completion")
+        return tok(full, add_special_tokens=False)["input_ids"], len(tok(prompt, add_special_tokens=False)["input_ids"])
+
+    def score(pairs: list[tuple[str, str]], batch_size: int = 8) -> list[tuple[float, int, int]]:
+        """(summed NLL, completion tokens, argmax-correct tokens) of every (prompt, completion), in batches of
+        similar length (right-padded, masked: padding changes no scored position)."""
+        encs = [encode(p, c) for p, c in pairs]
+        order = sorted(range(len(encs)), key=lambda i: len(encs[i][0]))
+        res: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(encs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(encs[i][0]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, i in enumerate(chunk):
+                ids[j, :len(encs[i][0])] = torch.tensor(encs[i][0])
+                mask[j, :len(encs[i][0])] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            for j, i in enumerate(chunk):
+                seq, n_prompt = encs[i]
+                target = torch.tensor(([-100] * n_prompt + seq[n_prompt:])[1:])
+                lg = logits[j, :len(seq) - 1]
+                sel = target != -100
+                nll = torch.nn.functional.cross_entropy(lg, target, ignore_index=-100, reduction="sum").item()
+                res[i] = (nll, int(sel.sum()), int((lg.argmax(-1)[sel] == target[sel]).sum()))
+        return res
+
     out = {}
     for spec in tasks:
         name, path = spec.split("=", 1)
         rows = [json.loads(x) for x in open(os.path.join(REPO_ROOT, path), encoding="utf-8") if x.strip()][:limit]
-        nll, count = 0.0, 0
-        for row in rows:
-            user = [{"role": "user", "content": row["prompt"]}]
-            prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template(user + [{"role": "assistant", "content": row["completion"]}], tokenize=False)
-            if not full.startswith(prompt):
-                raise ValueError(f"chat template of {model_dir}: the prompt is not a prefix of prompt + completion")
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            ids = tok(full, add_special_tokens=False)["input_ids"]
-            labels = [-100] * len(p_ids) + ids[len(p_ids):]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0, :-1].float()
-            target = torch.tensor(labels[1:])
-            nll += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
-            count += int((target != -100).sum())
-        out[name] = nll / max(count, 1)
-    json.dump({"key": key, "loss": out}, open(cache, "w"))
+        scored = score([(row["prompt"], row["completion"]) for row in rows])
+        nll, count, correct = (sum(x[i] for x in scored) for i in range(3))
+        out[name] = {"loss": nll / max(count, 1), "token_acc": correct / max(count, 1),
+                     "exact": sum(k == c for _, c, k in scored) / len(rows)}
+        mc = [row for row in rows if row.get("choices")] if choices else []
+        if mc:
+            lls = iter(score([(row["prompt"], ch) for row in mc for ch in row["choices"]]))
+            chosen = []
+            for row in mc:
+                ll = [-next(lls)[0] for _ in row["choices"]]
+                chosen.append(max(range(len(ll)), key=ll.__getitem__) == row["label"])
+            out[name]["choice_acc"] = sum(chosen) / len(chosen)
+    json.dump({"key": key, "metrics": out}, open(cache, "w"))
     return out
 
 

@@ -3,7 +3,9 @@
 Engine (no ``transformers.Trainer`` inside, importable without ``trl``): :class:`HDPiSSAConfig`,
 :func:`inject_hdpissa` / :class:`HDPiSSAEngine`, :class:`HDPiSSALinear`, :func:`fold_deltas`. Trainer (imported on
 first use, it needs ``trl``): :class:`HDPiSSASFTTrainer`, :class:`HDPiSSADPOTrainer`, :class:`HDPiSSAGRPOTrainer`,
-:class:`HDPiSSATrainer` (plain ``transformers.Trainer``) and the reusable :class:`HDPiSSATrainerMixin`.
+:class:`HDPiSSATrainer` (plain ``transformers.Trainer``) and the reusable :class:`HDPiSSATrainerMixin`. W sharded
+by rows with FSDP2: :func:`shard_model`, then :func:`inject_hdpissa` gives a :class:`ShardedHDPiSSAEngine`;
+:func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` (``docs/parallelism.md``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .precision import WeightUpdater, stochastic_round_to_bf16
 
 __version__ = "0.1.0"
 
-# Public names whose module imports trl: loaded on first attribute access (PEP 562), so engine-only use stays light.
+# Public names whose module imports trl (or torch.distributed's DTensor / checkpoint machinery, for W sharded by
+# rows): loaded on first attribute access (PEP 562), so engine-only use stays light.
 _LAZY = {
     "HDPiSSASFTTrainer": "trainer",
     "HDPiSSATrainerMixin": "trainer",
@@ -30,6 +33,10 @@ _LAZY = {
     "HDPiSSADPOTrainer": "dpo",
     "HDPiSSAGRPOTrainer": "grpo",
     "HDPiSSATrainer": "plain_trainer",
+    "ShardedHDPiSSAEngine": "sharded",
+    "shard_model": "sharded",
+    "load_sharded_checkpoint": "sharded_checkpoint",
+    "save_sharded_checkpoint": "sharded_checkpoint",
 }
 
 if TYPE_CHECKING:
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
     from .dpo import HDPiSSADPOTrainer
     from .grpo import HDPiSSAGRPOTrainer
     from .plain_trainer import HDPiSSATrainer
+    from .sharded import ShardedHDPiSSAEngine, shard_model
+    from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
     from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config
 
 __all__ = [
@@ -49,6 +58,7 @@ __all__ = [
     "HDPiSSASFTTrainer",
     "HDPiSSATrainer",
     "HDPiSSATrainerMixin",
+    "ShardedHDPiSSAEngine",
     "WeightMismatchError",
     "WeightUpdater",
     "build_peft_config",
@@ -57,6 +67,9 @@ __all__ = [
     "fold_deltas",
     "inject_hdpissa",
     "load_hdpissa_checkpoint",
+    "load_sharded_checkpoint",
+    "save_sharded_checkpoint",
+    "shard_model",
     "stochastic_round_to_bf16",
     "top_singular_factors",
     "weight_checksums",

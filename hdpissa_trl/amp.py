@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .distributed import is_distributed
+
 
 def agree_on_skip(scaler, optimizer, group=None) -> bool | None:
     """Make every rank skip this optimizer step if ANY rank found inf/nan gradients. Every rank must call it.
@@ -21,7 +23,7 @@ def agree_on_skip(scaler, optimizer, group=None) -> bool | None:
     """
     if scaler is None or not scaler.is_enabled():
         return None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if not is_distributed() or dist.get_world_size(group) == 1:
         return None
     from torch.amp.grad_scaler import OptState
 

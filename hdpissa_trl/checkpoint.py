@@ -214,6 +214,14 @@ class CheckpointMixin:
     def _hdpissa_owns_checkpoints(self) -> bool:
         return getattr(self, "method", "peft") != "peft"
 
+    @property
+    def hdpissa_sharded(self) -> bool:
+        """W sharded by rows (FSDP2): checkpoints go through torch.distributed.checkpoint
+        (:mod:`hdpissa_trl.sharded_checkpoint`), one file per rank, and W is never gathered into them."""
+        from .sharded import ShardedHDPiSSAEngine
+
+        return isinstance(self.hdpissa_engine, ShardedHDPiSSAEngine)
+
     def _barrier(self) -> None:
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
@@ -267,6 +275,16 @@ class CheckpointMixin:
     def _check_checkpoint_visible(self, final: str) -> None:
         """Every rank must see the published checkpoint with its own optimizer state: else the output directory is
         not shared between nodes and ``save_on_each_node`` is off, and a resume would fail much later."""
+        if self.hdpissa_sharded:
+            from .sharded_checkpoint import META_NAME
+
+            if os.path.isfile(os.path.join(final, META_NAME)):
+                return
+            raise RuntimeError(
+                f"Checkpoint {final} is not visible on rank {self.accelerator.process_index} after rank 0 published it: "
+                f"output_dir is not on a filesystem that all nodes share. With W sharded (FSDP2) every rank writes its "
+                f"rows into the same checkpoint and a resume reads all of them: put output_dir on shared storage."
+            )
         own = os.path.join(final, optimizer_state_name(self.accelerator.process_index))
         if os.path.isdir(final) and (self.hdpissa_engine is None or os.path.isfile(own)):
             return
@@ -281,6 +299,11 @@ class CheckpointMixin:
         """Every rank writes its optimizer state; the saving rank writes the engine state once (per node)."""
         os.makedirs(ckpt_dir, exist_ok=True)
         if self.hdpissa_engine is None:
+            return
+        if self.hdpissa_sharded:
+            from .sharded_checkpoint import save_sharded_checkpoint
+
+            save_sharded_checkpoint(ckpt_dir, self.hdpissa_engine, self.optimizer, atomic=False)
             return
         save_optimizer_state(self.optimizer, ckpt_dir, self.accelerator.process_index)
         if self.args.should_save:
@@ -298,21 +321,48 @@ class CheckpointMixin:
         with hub_token_outside_args(self):
             super()._push_from_checkpoint(checkpoint_folder)
 
+    # Overridden: with W sharded the optimizer states go into the checkpoint's DCP files (one key per device), not
+    # through transformers' (FSDP) optimizer saving; the scheduler is written as usual.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.hdpissa_sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            from transformers.trainer import SCHEDULER_NAME
+
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_hdpissa_weights(self, ckpt_dir: str) -> None:
+        if self.hdpissa_sharded:
+            from .sharded_checkpoint import load_sharded_checkpoint
+
+            load_sharded_checkpoint(ckpt_dir, self.hdpissa_engine)
+        else:
+            load_hdpissa_checkpoint(self.hdpissa_engine, ckpt_dir)
+
     # Overridden: the checkpoint has plain keys (W of adapted layers goes into `base_layer`) and the engine state.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.hdpissa_engine is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_hdpissa_checkpoint(self.hdpissa_engine, resume_from_checkpoint)
+        self._load_hdpissa_weights(resume_from_checkpoint)
 
     # Overridden for load_best_model_at_end, for the same reason: W (and its fp32 master) restored exactly.
     def _load_best_model(self) -> None:
         if self.hdpissa_engine is None:
             return super()._load_best_model()
         logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
-        load_hdpissa_checkpoint(self.hdpissa_engine, self.state.best_model_checkpoint)
+        self._load_hdpissa_weights(self.state.best_model_checkpoint)
 
     # Overridden: every device has its own optimizer state; transformers restores rank 0's on all of them.
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.hdpissa_sharded:
+            from transformers.trainer import SCHEDULER_NAME
+
+            from .sharded_checkpoint import load_sharded_optimizer
+
+            load_sharded_optimizer(checkpoint, self.hdpissa_engine, self.optimizer)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            return
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.hdpissa_engine is not None:
             load_optimizer_state(self.optimizer, checkpoint, self.accelerator.process_index)

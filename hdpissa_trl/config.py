@@ -9,7 +9,9 @@ PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
 ON_MISMATCH = ("raise", "resync")
 # Fields that change how a run is carried out, not what it computes: a resume may change them; any other field of
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
-OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init")
+OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm")
+SHARDED_COMM = ("auto", "all_gather", "all_to_all")
+SUBSPACE_MODES = ("fixed", "refactor", "rotate", "moving")
 
 
 @dataclass
@@ -38,9 +40,16 @@ class HDPiSSAConfig:
                 ``"model"`` (plain add in the model dtype; loses small updates in bf16).
         Communication and safety:
             bucket_size_mb: cap of one gather buffer in MiB; 0 means a single buffer (one collective per step).
+            sharded_comm: with W sharded by rows (FSDP2): ``"all_gather"`` of every device's (dA, dB), or
+                ``"all_to_all"`` (all-gather of dA + all-to-all of each rank's dB rows, fewer bytes); ``"auto"`` picks
+                the one that moves fewer bytes.
             sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
+        Subspace schedule (:mod:`hdpissa_trl.subspace`):
+            subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"`` or experimental ``"moving"``.
+            subspace_steps: folds between two changes of the factors (rotate, refactor).
+            rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
@@ -74,6 +83,11 @@ class HDPiSSAConfig:
     bucket_size_mb: float = field(
         default=0.0, metadata={"help": "Max MiB per gather buffer; 0 = one buffer, one collective per step."}
     )
+    sharded_comm: str = field(
+        default="auto",
+        metadata={"help": "W sharded by rows (FSDP2): 'all_gather' of every (dA, dB), 'all_to_all' (A-side gather + "
+                          "B rows all-to-all) or 'auto' (fewer bytes)."},
+    )
     sync_check_steps: int = field(
         default=50, metadata={"help": "Compare a checksum of W across devices every N folds; 0 disables."}
     )
@@ -81,6 +95,21 @@ class HDPiSSAConfig:
         default="raise", metadata={"help": "'raise' (stop, naming the layer) or 'resync' (copy rank 0's W, log)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for randomized SVD and stochastic rounding."})
+    subspace: str = field(
+        default="fixed",
+        metadata={"help": "How the owned singular directions evolve: 'fixed' (the paper: the run's update stays in the "
+                          "initial top-K·r subspaces), 'rotate' (every subspace_steps folds the devices move to the next "
+                          "K·r of the top rotate_pool·K·r initial directions; optimizer state restarts), 'refactor' "
+                          "(every subspace_steps folds re-factor the current W; optimizer state restarts), or "
+                          "EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not better than 'fixed' on "
+                          "the multi-task benchmark). rotate/refactor beat 'fixed' and PiSSA in BENCHMARKS.md §6."},
+    )
+    subspace_steps: int = field(
+        default=50, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
+    )
+    rotate_pool: int = field(
+        default=2, metadata={"help": "subspace='rotate': the pool holds rotate_pool·K·r initial singular directions."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -97,12 +126,19 @@ class HDPiSSAConfig:
             raise ValueError(f"HDPiSSAConfig.precision must be one of {PRECISION_MODES}, got {self.precision!r}.")
         if self.bucket_size_mb < 0:
             raise ValueError(f"HDPiSSAConfig.bucket_size_mb must be >= 0, got {self.bucket_size_mb!r}.")
+        if self.sharded_comm not in SHARDED_COMM:
+            raise ValueError(f"HDPiSSAConfig.sharded_comm must be one of {SHARDED_COMM}, got {self.sharded_comm!r}.")
         if self.sync_check_steps < 0:
             raise ValueError(f"HDPiSSAConfig.sync_check_steps must be >= 0, got {self.sync_check_steps!r}.")
         if self.on_sync_mismatch not in ON_MISMATCH:
             raise ValueError(
                 f"HDPiSSAConfig.on_sync_mismatch must be one of {ON_MISMATCH}, got {self.on_sync_mismatch!r}."
             )
+        if self.subspace not in SUBSPACE_MODES:
+            raise ValueError(f"HDPiSSAConfig.subspace must be one of {SUBSPACE_MODES}, got {self.subspace!r}.")
+        if self.subspace_steps < 1 or self.rotate_pool < 2:
+            raise ValueError(f"HDPiSSAConfig.subspace_steps must be >= 1 and rotate_pool >= 2, got "
+                             f"{self.subspace_steps!r} and {self.rotate_pool!r}.")
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules:
                 raise ValueError("HDPiSSAConfig.target_modules is empty; give names, a regex or 'all-linear'.")

@@ -34,7 +34,9 @@ def _load_one(dataset_config, streaming: bool = False) -> Dataset:
     try:
         return get_dataset(DatasetMixtureConfig(datasets=[single], streaming=streaming))["train"]
     except Exception as exc:  # datasets raises many types (and a bare StopIteration for an empty json file)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        from datasets import config as datasets_config
+
+        offline = datasets_config.HF_HUB_OFFLINE  # datasets' own rule: HF_DATASETS_OFFLINE, else the Hub's
         local = os.path.exists(dataset_config.path) or dataset_config.path in ("json", "csv", "parquet", "arrow",
                                                                                   "text")
         if local and isinstance(exc, FileNotFoundError):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl import DPOTrainer
 
-from .checks import refuse_adapted_output_head
+from .checks import refuse_adapted_output_head, refuse_sharded_w
 from .reference import (
     add_reference_adapter,
     frozen_copy,
@@ -109,6 +109,7 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
 
     def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "DPOTrainer")
+        refuse_sharded_w(self, "DPOTrainer")
 
     # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
     def _save_hdpissa_state(self, ckpt_dir: str) -> None:

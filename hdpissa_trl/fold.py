@@ -135,8 +135,12 @@ def gather_buffers(local: torch.Tensor, group=None, step: int | None = None) -> 
 
 
 @torch.no_grad()
-def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, updater: WeightUpdater, step: int) -> int:
-    """Fold one layer from the gathered ``(K, numel)`` buffer starting at ``offset``; returns the next offset."""
+def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, updater: WeightUpdater, step: int,
+               move_factors: bool = False) -> int:
+    """Fold one layer from the gathered ``(K, numel)`` buffer starting at ``offset``; returns the next offset.
+
+    ``move_factors``: afterwards every device's factors become its adapter's new values (``subspace="moving"``).
+    """
     r, n, m = layer.r, layer.in_features, layer.out_features
     K = gathered.shape[0]
     na, nb = r * n, m * r
@@ -146,12 +150,15 @@ def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, update
     left = torch.cat([dB_all, layer.B0_all], dim=1)  # (m, 2Kr)
     right = torch.cat([A_all, dA_all], dim=0)  # (2Kr, n)
     updater.addmm(layer.base_layer.weight, left, right, layer.scale, step)
+    if move_factors:
+        layer.A0_all.copy_(A_all)
+        layer.B0_all.add_(dB_all)
     layer.reset_adapter()
     return offset + na + nb
 
 
 def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step: int, group=None,
-                bucket_bytes: int = 0) -> FoldStats:
+                bucket_bytes: int = 0, move_factors: bool = False) -> FoldStats:
     """Gather all devices' deltas (one collective per bucket) and fold them into every layer's ``W``.
 
     Must be called by every rank after the same optimizer step, with the same layers in the same order.
@@ -170,7 +177,7 @@ def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step
             stats.bytes_received += (world - 1) * local.numel() * local.element_size()
         offset = 0
         for i in bucket:
-            offset = fold_layer(layers[i], gathered, offset, updaters[i], step)
+            offset = fold_layer(layers[i], gathered, offset, updaters[i], step, move_factors)
     stats.update_rank_bound = update_rank_bound(layers, world)
     stats.fold_timer.stop()
     return stats

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from .checks import refuse_adapted_output_head
+from .checks import refuse_adapted_output_head, refuse_sharded_w
 from .layer import plain_key
 from .reference import (
     add_reference_adapter,
@@ -80,6 +80,7 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
 
     def hdpissa_check_model(self, model) -> None:
         refuse_adapted_output_head(model, self.hdpissa_config, "GRPOTrainer")
+        refuse_sharded_w(self, "GRPOTrainer")
 
     # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
     def _save_hdpissa_state(self, ckpt_dir: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .distributed import world_and_rank
+
 
 def top_singular_factors(weight: torch.Tensor, k: int, method: str = "svd", n_iter: int = 4,
                          seed: int = 0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +52,8 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
     Must be called by all ranks with the same list of weights (same shapes, same order). Without an initialised
     process group it simply factors everything locally.
     """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
+    world, rank = world_and_rank()
+    distributed = world > 1
     owners = [(i % world) if shard else 0 for i in range(len(weights))]
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(weights)
     mine = [i for i in range(len(weights)) if not distributed or owners[i] == rank]
@@ -74,3 +75,18 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
             dist.broadcast(factors[i][0], src=owners[i])
             dist.broadcast(factors[i][1], src=owners[i])
     return factors  # type: ignore[return-value]
+
+
+def init_factors_per_layer(weights: list[torch.Tensor], ranks: list[int], world_size: int, config,
+                  show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Initial factors of every layer, ``world_size·r_layer`` directions each, scaled by ``lora_alpha / r_layer``
+    (one :func:`distributed_init_factors` call per distinct rank). ``config`` is an :class:`HDPiSSAConfig`."""
+    factors: list = [None] * len(weights)
+    for r in sorted(set(ranks), reverse=True):
+        idx = [i for i, ri in enumerate(ranks) if ri == r]
+        group = distributed_init_factors([weights[i] for i in idx], world_size * r, config.init_method,
+                                         config.n_iter, config.seed, shard=config.shard_init,
+                                         show_progress=show_progress, scale=config.lora_alpha / r)
+        for i, f in zip(idx, group):
+            factors[i] = f
+    return factors

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all")  # what HDPiSSALinear adds to the wrapped nn.Linear
+# What HDPiSSALinear adds to the wrapped nn.Linear (ShardedHDPiSSALinear keeps B0 as B0_rows + B0_own instead).
+ADAPTER_KEYS = ("lora_A", "lora_B", "A0_all", "B0_all", "B0_rows", "B0_own")
 
 
 def plain_key(key: str) -> str | None:
@@ -32,7 +33,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
     """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):  # noqa: D401
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):
         y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype, like a plain Linear
         # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B.
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -18,9 +18,10 @@ from .config import OPERATIONAL_FIELDS, HDPiSSAConfig
 from .consistency import check_weights_consistent, weight_checksums
 from .distributed import world_and_rank
 from .fold import FoldStats, fold_deltas, update_rank_bound
-from .init import distributed_init_factors
+from .init import init_factors_per_layer
 from .layer import HDPiSSALinear, plain_key
 from .precision import WeightUpdater, check_precision_supported
+from .subspace import SubspaceSchedule
 
 # Checkpoint marker of the factor convention: A0 = sqrt(S/s)·Vh (PEFT's PiSSA). Checkpoints without it used
 # A0 = sqrt(S)·Vh, whose steps grow like s = lora_alpha / r instead of sqrt(s).
@@ -125,20 +126,6 @@ def fit_ranks(targets: list[tuple[str, nn.Module]], config: HDPiSSAConfig, world
     return kept, ranks
 
 
-def _init_factors(weights: list[torch.Tensor], ranks: list[int], world_size: int, config: HDPiSSAConfig,
-                  show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Initial factors of every layer, ``K·r_layer`` directions each (one init call per distinct rank)."""
-    factors: list = [None] * len(weights)
-    for r in sorted(set(ranks), reverse=True):
-        idx = [i for i, ri in enumerate(ranks) if ri == r]
-        group = distributed_init_factors([weights[i] for i in idx], world_size * r, config.init_method,
-                                         config.n_iter, config.seed, shard=config.shard_init,
-                                         show_progress=show_progress, scale=config.lora_alpha / r)
-        for i, f in zip(idx, group):
-            factors[i] = f
-    return factors
-
-
 class HDPiSSAEngine:
     """HD-PiSSA state of one device: the injected layers, their precision state, fold and consistency checks.
 
@@ -168,21 +155,27 @@ class HDPiSSAEngine:
         check_precision_supported(config.precision, {name: module.weight for name, module in targets})
         for p in model.parameters():
             p.requires_grad_(False)
-
-        factors = _init_factors([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
         self.names: list[str] = []
         self.layers: list[HDPiSSALinear] = []
         self.updaters: list[WeightUpdater] = []
+        self._inject(targets, ranks, show_progress)
+        self.subspace = SubspaceSchedule(self, config.subspace, config.subspace_steps, config.rotate_pool)
+        self.factors_changed = False  # True right after a fold that replaced the factors (restart their optimizer)
+        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
+        self.check_consistency(step=0, on_mismatch="raise")
+
+    def _inject(self, targets: list[tuple[str, nn.Module]], ranks: list[int], show_progress: bool) -> None:
+        """Factor every target (each layer on one rank, broadcast) and swap in the HD-PiSSA layers."""
+        config = self.config
+        factors = init_factors_per_layer([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
         for i, ((name, module), r, (A0_all, B0_all)) in enumerate(zip(targets, ranks, factors)):
             layer = HDPiSSALinear(module, r, self.rank, self.world_size, config.lora_alpha / r, config.lora_dropout,
                                   name=name)
             layer.set_initial_factors(A0_all.to(layer.A0_all.device), B0_all.to(layer.B0_all.device))
-            _set_submodule(model, name, layer)
+            _set_submodule(self.model, name, layer)
             self.names.append(name)
             self.layers.append(layer)
             self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i))
-        # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
-        self.check_consistency(step=0, on_mismatch="raise")
 
     # -- training ----------------------------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -196,7 +189,9 @@ class HDPiSSAEngine:
         """
         self.step += 1
         stats = fold_deltas(self.layers, self.updaters, self.step, group=self.group,
-                            bucket_bytes=int(self.config.bucket_size_mb * 2**20))
+                            bucket_bytes=int(self.config.bucket_size_mb * 2**20),
+                            move_factors=self.subspace.moves_factors)
+        self.factors_changed = self.subspace.after_fold(self)
         if self.config.sync_check_steps and self.step % self.config.sync_check_steps == 0:
             self.check_consistency(self.step)
         return stats
@@ -231,6 +226,7 @@ class HDPiSSAEngine:
             tensors[f"{name}.B0_all"] = layer.B0_all.detach().cpu()
             for key, t in upd.state().items():
                 tensors[f"{name}.precision.{key}"] = t.detach().cpu()
+        tensors.update({f"subspace.{k}": v for k, v in self.subspace.state_dict().items()})
         meta = {"world_size": str(self.world_size), "r": str(self.config.r), "step": str(self.step),
                 "precision": self.config.precision, "layers": ",".join(self.names),
                 "lora_alpha": str(self.config.lora_alpha), "factor_convention": FACTOR_CONVENTION,
@@ -273,6 +269,7 @@ class HDPiSSAEngine:
             master = upd.state().get("master")
             if master is not None:
                 layer.base_layer.weight.copy_(master)
+        self.subspace.load_state_dict({k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")})
         self.step = int(meta.get("step", 0))
 
     # -- merged model -----------------------------------------------------------------------------------------
@@ -333,8 +330,16 @@ def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = N
                    group=None, show_progress: bool = True) -> HDPiSSAEngine:
     """Turn ``model`` into an HD-PiSSA model for device ``rank`` of ``world_size`` (in place); returns the engine.
 
-    The engine is also attached as ``model.hdpissa_engine``.
+    The engine is also attached as ``model.hdpissa_engine``. A model already sharded with FSDP2 (DTensor weights,
+    ``fully_shard``) gets the :class:`~hdpissa_trl.sharded.ShardedHDPiSSAEngine`: each rank folds only its rows of W.
     """
-    engine = HDPiSSAEngine(model, config, rank, world_size, group, show_progress)
+    from torch.distributed.tensor import DTensor
+
+    engine_cls = HDPiSSAEngine
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from .sharded import ShardedHDPiSSAEngine
+
+        engine_cls = ShardedHDPiSSAEngine
+    engine = engine_cls(model, config, rank, world_size, group, show_progress)
     model.hdpissa_engine = engine  # type: ignore[attr-defined]
     return engine

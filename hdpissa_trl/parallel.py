@@ -1,41 +1,92 @@
 """Which parallel set-ups HD-PiSSA trains with, decided in one place, before any weight is loaded.
 
-HD-PiSSA keeps the FULL W on every device (replicated data parallelism: ``accelerate launch --num_processes K``, one
-process per device) and per-device adapters that must never be averaged or broadcast. Set-ups that shard or average
-the trainable state, or cast W for evaluation, would silently destroy the method or fail with an unrelated message:
-each is refused here with the setting to change. This is the one function to edit when a sharded-W set-up is
-supported.
+HD-PiSSA needs per-device adapters that are never averaged or broadcast. Two set-ups give that:
+
+* replicated data parallelism (``accelerate launch --num_processes K``): every device holds the whole W;
+* FSDP2 (``fsdp_version: 2``): W sharded by rows, each rank folds its own rows (:mod:`hdpissa_trl.sharded`,
+  :mod:`hdpissa_trl.fsdp`).
+
+Everything else would silently destroy the method or fail with an unrelated message, and is refused here with the
+setting to change: DeepSpeed (every ZeRO stage averages the adapter gradients; ZeRO-3's partitions are flat chunks,
+not rows of W), FSDP1 (flat, non-row-aligned shards), a ``device_map`` splitting the model with K > 1, and
+``bf16_full_eval``/``fp16_full_eval``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 REPLICATED = ("Use replicated data parallelism instead: `accelerate launch --num_processes K` with a multi-GPU, "
               "multi-node or CPU config (no DeepSpeed, no FSDP); every device then holds the whole model.")
+TO_FSDP2 = ("To shard W, use FSDP2: `accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` (or "
+            "`fsdp=\"full_shard\", fsdp_config={\"version\": 2}` in the training arguments); see docs/parallelism.md.")
 
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _deepspeed_zero_stage(args) -> int | None:
+    """The ZeRO stage the user asked for (training arguments, their DeepSpeed config, or the launch environment);
+    ``None`` without DeepSpeed, ``-1`` when DeepSpeed is on but its stage unknown."""
+    plugin = getattr(args, "deepspeed_plugin", None) if args is not None else None
+    config = getattr(args, "deepspeed", None) if args is not None else None
+    if plugin is None and not config and not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    if getattr(plugin, "zero_stage", None) is not None:
+        return int(plugin.zero_stage)
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    stage = (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage is None:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage not in (None, "", "auto") else -1
+
+
+def check_deepspeed(args) -> None:
+    """Refuse DeepSpeed: every stage averages the adapter gradients across devices (merging the per-device slices);
+    ZeRO-3 partitions are flat chunks of the parameters, not rows of W, so no device could fold "its rows"."""
+    stage = _deepspeed_zero_stage(args)
+    if stage is None:
+        return
+    if stage == 3:
+        raise ValueError("HD-PiSSA cannot train under DeepSpeed ZeRO-3: its partitions are flattened chunks of the "
+                         "parameters, not rows of W, so no device could fold its own rows, and it averages the "
+                         "per-device adapter gradients. " + TO_FSDP2)
+    raise ValueError(f"HD-PiSSA cannot train under DeepSpeed (ZeRO stage {stage if stage >= 0 else 'unknown'}): "
+                     f"DeepSpeed averages the adapter gradients across devices, merging the per-device slices. "
+                     + REPLICATED + " " + TO_FSDP2)
+
+
+def requested_fsdp_version(args) -> int | None:
+    """The FSDP version the user asked for (training arguments or an accelerate launch config), ``None`` without FSDP.
+
+    transformers defaults ``fsdp_config["version"]`` to 2; accelerate's ``FSDP_VERSION`` defaults to 1."""
+    if args is not None and getattr(args, "fsdp", None):
+        return int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
 def check_parallelism(args, model=None, world_size: int = 1) -> None:
-    """Raise ``ValueError`` for a parallel set-up HD-PiSSA cannot train with.
+    """Raise ``ValueError`` for a parallel set-up HD-PiSSA cannot train with (FSDP2 and replicated DP pass).
 
     Args:
         args: the ``TrainingArguments`` (or ``None``, for the defaults).
         model: the model object when the user passed one (its ``hf_device_map`` is checked), else ``None``.
         world_size: number of processes K (a model split over devices is refused when K > 1).
     """
-    if (args is not None and (getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None)
-                              is not None)) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError("HD-PiSSA cannot train under DeepSpeed (`deepspeed=` or an accelerate DeepSpeed config): "
-                         "ZeRO partitions the trainable state into flat shards and averages gradients across devices, "
-                         "which destroys the per-device adapters. " + REPLICATED)
-    if (args is not None and getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP"):
-        raise ValueError("HD-PiSSA cannot train under FSDP (`fsdp=`/`--fsdp`, `fsdp_config` or an accelerate FSDP "
-                         "config, any version): FSDP reduces gradients across devices (on CPU transformers would "
-                         "silently ignore it and train a replicated W). " + REPLICATED)
+    check_deepspeed(args)
+    version = requested_fsdp_version(args)
+    if version is not None and version != 2:
+        raise ValueError(f"HD-PiSSA cannot train under FSDP{version} (`fsdp=`/`--fsdp` with fsdp_config version "
+                         f"{version}, or an accelerate FSDP config without `fsdp_version: 2`): its flat parameter "
+                         f"shards are not rows of W and it reduces gradients across devices, which destroys the "
+                         f"per-device adapters. Set `fsdp_version: 2` (accelerate) or fsdp_config={{'version': 2}}. "
+                         + TO_FSDP2)
     for name in ("bf16_full_eval", "fp16_full_eval"):
         if args is not None and getattr(args, name, False):
             raise ValueError(f"HD-PiSSA cannot train with `{name}=True`: it casts the whole model, W and its adapters "

@@ -77,6 +77,16 @@ class HDPiSSAScriptArguments(ScriptArguments):
     hdpissa_bucket_size_mb: float = field(
         default=0.0, metadata={"help": "Cap (MiB) of one gather buffer; 0 = one collective per step."}
     )
+    hdpissa_sharded_comm: str = field(
+        default="auto", metadata={"help": "W sharded by rows (FSDP2 launch configs): the fold's exchange, all_gather | "
+                                          "all_to_all | auto (fewer bytes)."}
+    )
+    hdpissa_subspace: str = field(
+        default="fixed", metadata={"help": "fixed (the paper) | rotate | refactor | moving (experimental): see "
+                                           "HDPiSSAConfig.subspace."}
+    )
+    hdpissa_subspace_steps: int = field(default=50, metadata={"help": "Folds between subspace changes (rotate/refactor)."})
+    hdpissa_rotate_pool: int = field(default=2, metadata={"help": "rotate: pool of rotate_pool·K·r directions."})
     save_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
     )
@@ -106,7 +116,8 @@ def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, se
         target_modules=targets, init_method=script_args.hdpissa_init, n_iter=script_args.hdpissa_niter,
         precision=script_args.hdpissa_precision, sync_check_steps=script_args.hdpissa_sync_check_steps,
         on_sync_mismatch=script_args.hdpissa_on_sync_mismatch, bucket_size_mb=script_args.hdpissa_bucket_size_mb,
-        seed=seed,
+        sharded_comm=script_args.hdpissa_sharded_comm, subspace=script_args.hdpissa_subspace,
+        subspace_steps=script_args.hdpissa_subspace_steps, rotate_pool=script_args.hdpissa_rotate_pool, seed=seed,
     )
 
 
@@ -210,10 +221,3 @@ def _looks_like_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)

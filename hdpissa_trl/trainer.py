@@ -31,9 +31,11 @@ from trl import SFTTrainer
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
 from .config import HDPiSSAConfig
+from .distributed import is_distributed
+from .fold import FoldStats
+from .fsdp import requested_fsdp_plugin, shard_like_accelerate
 from .model import find_target_modules, inject_hdpissa
 from .parallel import check_parallelism
-from .sync import FoldStats
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
 logger = logging.getLogger(__name__)
@@ -145,13 +147,24 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             return
         model = self.accelerator.unwrap_model(self.model)
         world = self.accelerator.num_processes
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world:
+        if is_distributed() and dist.get_world_size() != world:
             raise RuntimeError(f"World size mismatch: accelerate says {world}, torch.distributed says "
                                f"{dist.get_world_size()}.")
         check_parallelism(self.args, model, world)
         self.hdpissa_check_model(model)
+        plugin = requested_fsdp_plugin(self.args, self.accelerator)
+        if plugin is not None:
+            # W sharded by rows: shard the frozen model as accelerate's FSDP2 would, THEN create the adapters, so
+            # FSDP never manages them (no reduce-scatter of their gradients, no broadcast of rank 0's slices).
+            model = shard_like_accelerate(model, self.accelerator, plugin)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
+        backend = dist.get_backend() if is_distributed() else "none"
+        self.accelerator.print(
+            f"HD-PiSSA: K={world} devices (torch.distributed world size {world}, backend {backend}), "
+            + ("W sharded by rows with FSDP2 (each rank folds 1/K of every weight)." if plugin is not None
+               else "W replicated on every device.")
+        )
         if getattr(self.args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
             # Frozen embeddings give hidden states without grad; reentrant checkpointing would then drop the
             # adapter gradients inside checkpointed blocks (PEFT does the same).
@@ -175,7 +188,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         transformers passes ``ddp_timeout`` to ``init_process_group`` on GPUs but not with ``use_cpu=True``: the gloo
         group then keeps torch's 30-minute default, and a hung process stalls the others that long.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        if not is_distributed() or dist.get_backend() != "gloo":
             return
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
         if set_timeout is not None:
@@ -195,6 +208,8 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             self._skipped_steps += 1
             return
         self._fold_log.append(self.hdpissa_engine.fold())
+        if self.hdpissa_engine.factors_changed:  # subspace 'refactor'/'rotate': new directions, restart their moments
+            self.optimizer.state.clear()
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -223,7 +238,9 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
                          "update rank per step (2·K·r)": 2 * K * cfg.r,
                          "directions owned (K·r)": K * cfg.r, "init": cfg.init_method,
-                         "W precision": cfg.precision, "target modules": cfg.target_modules})
+                         "W precision": cfg.precision, "target modules": cfg.target_modules,
+                         "subspace schedule": cfg.subspace + ("" if cfg.subspace in ("fixed", "moving") else
+                                                              f" every {cfg.subspace_steps} folds")})
         elif self.method in ("pissa", "lora"):
             info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
         info.update({"learning rate": args.learning_rate,
@@ -257,6 +274,20 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                           model_name=model_name or os.path.basename(os.path.abspath(out)))
 
     # -- the saved model --------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """With W sharded (FSDP2) every rank takes part: the merged model is gathered onto rank 0 tensor by tensor
+        and written there as plain safetensors shards. Inside a checkpoint W is not gathered at all (its rows are in
+        the checkpoint's torch.distributed.checkpoint files)."""
+        if not self.hdpissa_sharded:
+            return super().save_model(output_dir, _internal_call)
+        if self._hdpissa_in_checkpoint:
+            return
+        state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     # Overridden: transformers' one method that writes the model of every save; here it writes the merged plain model.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the merged plain model (no adapters inside) + tokenizer, in the training dtype or ``save_dtype``.

@@ -41,7 +41,7 @@ def main(script_args, training_args, model_args, dataset_args):
 
     from hdpissa_trl import HDPiSSASFTTrainer
     from hdpissa_trl.data import build_mixture, dataset_label
-    from hdpissa_trl.recipe import hdpissa_config_from_args, resolve_model_source, write_json_atomic
+    from hdpissa_trl.recipe import hdpissa_config_from_args, resolve_model_source
 
     # Model: a local dir, a tiny model built offline (demo) or a GGUF file converted once into a cache. The global
     # main process goes first: transformers' save_pretrained writes files on torch.distributed rank 0 only.
@@ -89,10 +89,12 @@ def main(script_args, training_args, model_args, dataset_args):
         "datasets": [dataset_label(d) for d in dataset_args.datasets],
     }}
     if is_main and script_args.eval_tasks:
+        from evaluation import save_report
+
         after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
                          training_args.trust_remote_code)
         after["before"] = before
-        write_json_atomic(after, os.path.join(out, "eval_results.json"))
+        save_report(after, os.path.join(out, "eval_results.json"))
         card.update(eval_report=after, eval_before=before)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
         os.path.abspath(out))

@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 
-from bench import communication, init_svd, precision, quality, rl_step, step_speed
+from bench import communication, init_svd, precision, quality, rl_step, sharded, step_speed
 from bench._common import build_llama, linear_weights, setup_method
 from bench._tasks import TeacherStudentTask, prepare_multitask_base
 from hdpissa_trl.launch import REPO_ROOT, child_env, free_port
 
 
 @pytest.mark.parametrize("script", ["communication", "init_svd", "precision", "quality", "real_model", "rl_step",
-                                    "step_speed"])
+                                    "sharded", "step_speed", "sweep"])
 def test_scripts_run_as_modules(tmp_path, script):
     """``python -m bench.X`` is how BENCHMARKS.md runs them: it parses its command line from any directory (the
     launch helpers put the checkout on PYTHONPATH), without a sys.path preamble in the script."""
@@ -90,6 +90,22 @@ def test_communication_formula_matches_real_gloo_processes():
         "all_gather_into_tensor": 1}
     assert measured["official"]["collectives"] == 4 * 14  # tiny preset: 2 blocks × 7 linears
     assert measured["official"]["bytes_received"] == 2 * measured["hdpissa"]["bytes_received"]
+
+
+def test_sharded_projection_formulas():
+    """The fold's bytes per rank under both schemes and the per-rank memory items, against sums written out here."""
+    shapes, r, K = [(6, 4), (4, 6)], 2, 2
+    fb = sharded.fold_bytes(shapes, r, K)
+    assert fb["all_gather"] == 4 * (K - 1) * r * (6 + 4 + 4 + 6)
+    assert fb["all_to_all"] == 4 * (K - 1) * (r * (4 + 6) + r * (6 + 4) // K) < fb["all_gather"]
+    rep = sharded.memory_per_rank(shapes, other_params=10, r=r, K=K, sharded=False)
+    shd = sharded.memory_per_rank(shapes, other_params=10, r=r, K=K, sharded=True)
+    assert rep["W (bf16)"] == 2 * (48 + 10) and shd["W (bf16)"] == rep["W (bf16)"] / K
+    assert shd["fp32 master of adapted W"] == 4 * 48 / K
+    assert shd["A0_all (K·r × n, fp32, every rank)"] == rep["A0_all (K·r × n, fp32, every rank)"] == 4 * K * r * 10
+    proj = sharded.projection()
+    assert proj["K"] == 64 and proj["memory_sharded"]["total"] < proj["memory_replicated"]["total"] / 10
+    assert proj["fold_bytes_received"]["all_to_all"] < proj["fold_bytes_received"]["all_gather"]
 
 
 def test_init_svd_agreement():

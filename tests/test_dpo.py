@@ -189,3 +189,18 @@ def test_peft_config_keeps_dpotrainers_meaning(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="Both hdpissa_config and peft_config were given"):
         HDPiSSADPOTrainer(model=tiny_model_dir, args=dpo_config(tmp_path), train_dataset=demo_pairs(8),
                           peft_config=lora, hdpissa_config=HDPiSSAConfig(r=2))
+
+
+def test_sharded_w_is_refused_for_dpo_and_grpo(monkeypatch):
+    """FSDP2 (W sharded by rows) has not run with a DPO/GRPO reference or generation: refused, naming what works."""
+    from types import SimpleNamespace
+
+    from hdpissa_trl.checks import refuse_sharded_w
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None), mixed_precision="no")
+    sharded = SimpleNamespace(args=SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}), accelerator=accelerator)
+    for name in ("DPOTrainer", "GRPOTrainer"):
+        with pytest.raises(ValueError, match=f"HD-PiSSA with {name} supports replicated W only"):
+            refuse_sharded_w(sharded, name)
+    refuse_sharded_w(SimpleNamespace(args=SimpleNamespace(fsdp_plugin_args=None), accelerator=accelerator), "DPOTrainer")

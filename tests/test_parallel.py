@@ -17,22 +17,35 @@ def args(**kw):
 
 
 @pytest.mark.parametrize("kw,env,match", [
-    ({"deepspeed": {"zero_optimization": {"stage": 3}}}, None, "cannot train under DeepSpeed"),
-    ({}, "ACCELERATE_USE_DEEPSPEED", "cannot train under DeepSpeed"),
-    ({"fsdp": True}, None, "cannot train under FSDP"),
-    ({}, "ACCELERATE_USE_FSDP", "cannot train under FSDP"),
-    ({"bf16_full_eval": True}, None, "cannot train with `bf16_full_eval=True`"),
-    ({"fp16_full_eval": True}, None, "cannot train with `fp16_full_eval=True`"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, "cannot train under DeepSpeed"),
+    ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "cannot train under DeepSpeed"),
+    ({"fsdp": True, "fsdp_config": {"version": 1}}, {}, "cannot train under FSDP1"),
+    ({}, {"ACCELERATE_USE_FSDP": "true"}, "cannot train under FSDP1"),  # accelerate's default FSDP version is 1
+    ({"bf16_full_eval": True}, {}, "cannot train with `bf16_full_eval=True`"),
+    ({"fp16_full_eval": True}, {}, "cannot train with `fp16_full_eval=True`"),
 ])
 def test_refusals_name_the_setting_and_the_alternative(monkeypatch, kw, env, match):
-    if env:
-        monkeypatch.setenv(env, "true")
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=match) as e:
         check_parallelism(args(**kw))
     msg = str(e.value)
     assert "\n" not in msg
-    assert "replicated data parallelism" in msg or "autocast" in msg
-    assert "FSDP2" not in msg  # no promise of what is not there
+    assert "replicated data parallelism" in msg or "autocast" in msg or "fsdp_version: 2" in msg
+
+
+def test_fsdp2_is_accepted(monkeypatch):
+    """FSDP2 shards W by rows (hdpissa_trl.sharded): requested through the training arguments (transformers' default
+    version is 2) or an accelerate launch config with fsdp_version 2, it passes the check."""
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(var, raising=False)
+    check_parallelism(args(fsdp=True))
+    check_parallelism(args(fsdp=True, fsdp_config={"version": 2}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_parallelism(args())
 
 
 def test_plain_data_parallel_and_single_device_maps_pass(monkeypatch):
@@ -46,11 +59,11 @@ def test_plain_data_parallel_and_single_device_maps_pass(monkeypatch):
         check_parallelism(args(), SimpleNamespace(hf_device_map={"a": 0, "b": 1}), world_size=2)
 
 
-@pytest.mark.parametrize("kw,match", [({"fsdp": "full_shard"}, "cannot train under FSDP"),
+@pytest.mark.parametrize("kw,match", [({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "cannot train under FSDP1"),
                                       ({"bf16_full_eval": True, "bf16": True}, "bf16_full_eval")])
 def test_trainer_refuses_before_loading_the_model(tmp_path, kw, match):
-    """On CPU transformers would ignore `--fsdp full_shard` silently; the trainer refuses it (and bf16_full_eval)
-    before it even looks at the model path, which does not exist here."""
+    """FSDP1 (which transformers would ignore on CPU) and bf16_full_eval are refused before the trainer even looks at
+    the model path, which does not exist here."""
     from datasets import Dataset
 
     from hdpissa_trl import HDPiSSASFTTrainer

@@ -6,6 +6,7 @@ Also importable: the tests' reference uses ``make_model`` and ``batch`` so it se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -93,7 +94,7 @@ def main() -> None:
     except Exception as exc:  # recorded for the test to assert on
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["W"] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(engine.names, engine.layers)}
-    record["last_check"] = engine.last_check
+    record["last_check"] = dataclasses.asdict(engine.last_check)
     torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))
     if record["error"] is None:
         dist.barrier()

@@ -146,12 +146,12 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
 
         original, calls = fold_module.fold_layer, []
 
-        def fold_layer(layer, gathered, offset, updater, fold_step):
+        def fold_layer(layer, gathered, offset, updater, fold_step, *rest):
             if fold_step == step:
                 calls.append(layer.name)
                 if len(calls) == 2:
                     fire(f"mid-fold: deltas gathered, W of {calls[0]} updated, {layer.name} and later not yet")
-            return original(layer, gathered, offset, updater, fold_step)
+            return original(layer, gathered, offset, updater, fold_step, *rest)
 
         fold_module.fold_layer = fold_layer
     elif kind == "checkpoint":

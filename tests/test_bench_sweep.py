@@ -1,0 +1,132 @@
+"""``bench/sweep.py``: best rate per method, paired-by-seed table and wins from run JSONs; resumable tiny sweeps
+(real torchrun, 2 gloo processes); the real-model driver's held-out accuracy against slow references."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import sweep
+from bench._runlog import load_runs, run_id, write_run
+
+
+def _rec(label: str, lr: float, seed: int, loss: float) -> dict:
+    return {"task": "t", "label": label, "method": sweep.LABELS[label][0], "K": sweep.LABELS[label][1], "lr": lr,
+            "seed": seed, "r": 2, "steps": 5, "lora_alpha": 2.0, "global_batch": 4, "kind": "tiny",
+            "heldout": {"eval_loss": loss, "agree": 1 - loss}, "train_loss_last_half": loss + 1,
+            "step_time_s": 0.1, "peak_rss_bytes": 2**20, "load_avg_1min_start": 1.0, "load_avg_1min_end": 2.0,
+            "env": {"logical_cores": 2}}
+
+
+def test_summary_best_rate_paired_and_wins(tmp_path):
+    # PiSSA: best at lr 1e-2 (mean 1.0); HD-PiSSA: best at 3e-3 (mean 0.9), its worse rate has a lower seed-0 value
+    # than its best — the pick is by the mean over seeds.
+    pissa = {1e-2: [1.0, 1.1, 0.9], 3e-3: [1.2, 1.2, 1.2]}
+    hd = {3e-3: [0.95, 0.9, 0.85], 1e-3: [0.5, 2.0, 2.0]}
+    recs = [_rec("pissa2", lr, s, v) for lr, vs in pissa.items() for s, v in enumerate(vs)]
+    recs += [_rec("hdpissa2", lr, s, v) for lr, vs in hd.items() for s, v in enumerate(vs)]
+    best = sweep.best_lrs(recs)
+    assert best[("t", "pissa2")]["lr"] == 1e-2 and best[("t", "hdpissa2")]["lr"] == 3e-3
+    assert best[("t", "hdpissa2")]["edge"] and best[("t", "pissa2")]["edge"]  # both grids have 2 points
+    md, summary = sweep.summarize_study("s", recs, references=["pissa2"])
+    paired = summary["tasks"]["t"]["paired"]["pissa2"]["hdpissa2"]["eval_loss"]
+    assert paired["mean"] == pytest.approx(((0.95 - 1.0) + (0.9 - 1.1) + (0.85 - 0.9)) / 3)
+    assert (paired["lower"], paired["n"]) == (3, 3)
+    assert summary["tasks"]["t"]["wins"]["all"] == {"hdpissa2": 3, "pissa2": 0}
+    assert "| HD-PiSSA K=2 | 0,1,2 | -0.1000 ± 0.0866 (3/3) |" in md
+    assert "**0.9000**" in md and "**1.0000**" in md  # the best cells are marked
+    # The BENCHMARKS.md block is replaced between its markers, text around it kept.
+    text = "a\n<!-- sweep:s:begin -->\nold\n<!-- sweep:s:end -->\nb\n"
+    assert sweep.replace_block(text, "s", "new") == "a\n<!-- sweep:s:begin -->\nnew\n<!-- sweep:s:end -->\nb\n"
+    with pytest.raises(SystemExit, match="no block for study 'x'"):
+        sweep.replace_block(text, "x", "new")
+    # Edge extension goes one grid step beyond the best end.
+    assert sweep._edge_extensions({}, recs, ["hdpissa2", "pissa2"]) == {"hdpissa2": [0.009], "pissa2": [0.0333]}
+
+
+def test_run_files_are_atomic_and_listed(tmp_path):
+    rid = run_id("t", "pissa2", 2, 2.0, 1e-3, 5, 0)
+    assert rid == "t__pissa2__r2_a2__lr0.001__steps5__s0"
+    write_run(str(tmp_path), rid, {"x": 1})
+    (tmp_path / "summary.json").write_text("{}")  # the summary next to the runs is not a run
+    assert load_runs(str(tmp_path)) == [{"x": 1}] and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_one_json_per_run_and_resumes(tmp_path):
+    """2 gloo processes: every planned run leaves a complete JSON; a second invocation runs nothing."""
+    from bench import quality
+
+    sweep.STUDIES["_test"] = dict(kind="tiny", tasks=["teacher_student"], labels=["hdpissa2", "pissa2"],
+                                  grid={"hdpissa": [1e-2, 3e-2], "pissa": [1e-2]}, steps=2, eval_every=1, r=2,
+                                  alpha=4.0, global_batch=4, seeds=[0], references=["pissa2"], model=quality.QUICK_MODEL,
+                                  ceiling_ks=[4])
+    try:
+        args = ["run", "_test", "--results_dir", str(tmp_path / "res"), "--work_dir", str(tmp_path / "w"),
+                "--extend_edges", "0"]
+        sweep.main(args)
+        files = sorted(os.listdir(tmp_path / "res" / "_test"))
+        assert files == [f"teacher_student__{lab}__r2_a4__lr{lr}__steps2__s0.json"
+                         for lab, lr in (("hdpissa2", "0.01"), ("hdpissa2", "0.03"), ("pissa2", "0.01"))]
+        mtimes = {f: os.stat(tmp_path / "res" / "_test" / f).st_mtime_ns for f in files}
+        sweep.main(args)  # resumes: nothing left to run, nothing rewritten
+        assert {f: os.stat(tmp_path / "res" / "_test" / f).st_mtime_ns for f in files} == mtimes
+        for f in files:
+            rec = json.loads((tmp_path / "res" / "_test" / f).read_text())
+            assert rec["processes"] == 2 and rec["global_batch"] == 4 and rec["lora_alpha"] == 4.0
+            assert rec["heldout"] == rec["curve"][-1][1] and len(rec["curve"]) == 3 and len(rec["train_losses"]) == 2
+            assert 0 <= rec["heldout"]["agree"] <= 1 and rec["peak_rss_bytes"] > 2**20 and rec["step_time_s"] > 0
+            assert 0 < rec["heldout"]["outside_k4"] < 1  # the measured share of ΔW outside the top-4 set
+        sweep.main(["summary", "_test", "--results_dir", str(tmp_path / "res")])
+        assert "HD-PiSSA K=2" in (tmp_path / "res" / "_test" / "SUMMARY.md").read_text()
+    finally:
+        sweep.STUDIES.pop("_test")
+
+
+def test_heldout_accuracy_against_slow_reference(tmp_path):
+    """token accuracy and exact match from one prefix at a time; multiple choice from the model's own loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench import real_model
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    model_dir = tmp_path / "m"
+    save_tiny_model(model_dir, seed=5)
+    rows = [{"prompt": "pick one", "completion": "red", "choices": ["blue", "red", "green"], "label": 1},
+            {"prompt": "pick again", "completion": "tree", "choices": ["tree", "stone"], "label": 0}]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = real_model.heldout_metrics(str(model_dir), [f"t={data}"], limit=2, cache=str(tmp_path / "c.json"))["t"]
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def ids_of(prompt, completion):
+        user = [{"role": "user", "content": prompt}]
+        p = tok(tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        return p, full
+
+    correct = count = exact = 0
+    picks = []
+    for r in rows:
+        p, full = ids_of(r["prompt"], r["completion"])
+        hits = []
+        for i in range(len(p), len(full)):  # one prefix at a time: does the model's top token come next?
+            with torch.no_grad():
+                hits.append(int(model(torch.tensor([full[:i]])).logits[0, -1].argmax()) == full[i])
+        correct, count, exact = correct + sum(hits), count + len(hits), exact + all(hits)
+        lls = []
+        for ch in r["choices"]:
+            p, full = ids_of(r["prompt"], ch)
+            labels = torch.tensor([[-100] * len(p) + full[len(p):]])
+            with torch.no_grad():
+                lls.append(-model(torch.tensor([full]), labels=labels).loss.item() * (len(full) - len(p)))
+        picks.append(max(range(len(lls)), key=lls.__getitem__) == r["label"])
+    assert got["token_acc"] == pytest.approx(correct / count)
+    assert got["exact"] == exact / len(rows)
+    assert got["choice_acc"] == sum(picks) / len(picks)
