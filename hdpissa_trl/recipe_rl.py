@@ -15,7 +15,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 
 from .data import ALPACA_TEMPLATE, TEMPLATES, DataError, dataset_label
-from .recipe import HDPiSSAScriptArguments, resolve_model_source, write_json_atomic
+from .recipe import HDPiSSAScriptArguments, resolve_model_source
 
 
 def _refuse_column_mapping(args: HDPiSSAScriptArguments, columns: str) -> None:
@@ -162,10 +162,12 @@ def finish_run(trainer, script_args, training_args, model_args, dataset_args, gg
         **_extra_info(trainer, script_args),
     }}
     if training_args.process_index == 0 and script_args.eval_tasks:
+        from evaluation import save_report
+
         after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
                          training_args.trust_remote_code)
         after["before"] = before
-        write_json_atomic(after, os.path.join(out, "eval_results.json"))
+        save_report(after, os.path.join(out, "eval_results.json"))
         card.update(eval_report=after, eval_before=before)
     model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
         os.path.abspath(out))
