@@ -199,6 +199,18 @@ def worker_settings(path: str) -> dict:
         return json.load(f)
 
 
+def parse_or_run_worker(parser, worker, argv: list[str] | None = None, quiet: bool = True):
+    """The start of every script's ``main``: parse ``argv``; in a torchrun child (``--worker SETTINGS.json``) run
+    ``worker(settings)`` and return None, else return the parsed arguments for the driver."""
+    args = parser.parse_args(argv)
+    if quiet:
+        quiet_hf()
+    if args.worker:
+        worker(worker_settings(args.worker))
+        return None
+    return args
+
+
 def save_figure(fig, name: str, info: dict, figures_dir: str | None = None) -> str:
     """Save ``fig`` as ``figures_dir/name`` with a footer saying where it ran."""
     figures_dir = figures_dir or FIGURES_DIR

@@ -26,24 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from bench._common import (
-    CollectiveTap,
-    add_output_args,
-    build_llama,
-    env_info,
-    env_line,
-    finish_env,
-    fmt_bytes,
-    launch_workers,
-    median,
-    new_figure,
-    print_table,
-    quiet_hf,
-    save_figure,
-    setup_method,
-    worker_settings,
-    write_json,
-)
+from bench import _common as common
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_gather_object")
@@ -70,7 +53,7 @@ def formula(shapes: list[tuple[int, int]], r: int, K: int, buckets: int = 1) -> 
     }
 
 
-class CollectiveCounter(CollectiveTap):
+class CollectiveCounter(common.CollectiveTap):
     """Counts the wrapped collectives' calls and the bytes each rank contributes and receives (while ``enabled``)."""
 
     names = COLLECTIVES
@@ -108,11 +91,11 @@ def measure(preset: str, r: int, steps: int, rank: int, world: int) -> dict:
     """On every rank: per-step collectives and bytes of the HD-PiSSA fold and of the official-style fold."""
     out = {}
     for scheme in ("hdpissa", "official"):
-        model = build_llama(preset, seed=0)
+        model = common.build_llama(preset, seed=0)
         with CollectiveCounter() as counter:
             # One-time init traffic (factor broadcasts, first weight check) is counted apart from the per-step one.
             counter.enabled = True
-            setup = setup_method(scheme, model, r, float(r), world=world, rank=rank, distributed=True)
+            setup = common.setup_method(scheme, model, r, float(r), world=world, rank=rank, distributed=True)
             init = {"calls": dict(counter.calls), "bytes_contributed": counter.contributed}
             counter.enabled = False
             opt = torch.optim.AdamW(setup.params, lr=1e-3, weight_decay=0.0)
@@ -158,7 +141,7 @@ def worker(cfg: dict) -> None:
 
 def run_measured(K: int, preset: str, r: int, steps: int, timeout: float = 600) -> dict:
     """Launch K gloo processes and return the measured per-step numbers (identical on every rank, checked)."""
-    raw = launch_workers(__spec__.name, K, {"preset": preset, "r": r, "steps": steps}, timeout)  # this module
+    raw = common.launch_workers(__spec__.name, K, {"preset": preset, "r": r, "steps": steps}, timeout)  # this module
     out = {"K": K}
     for scheme in ("hdpissa", "official"):
         per_rank = [rk[scheme]["per_step"] for rk in raw["ranks"]]
@@ -170,7 +153,7 @@ def run_measured(K: int, preset: str, r: int, steps: int, timeout: float = 600) 
             "bytes_received": steps_r0[0]["bytes_received"],
             "same_on_every_rank_and_step": all(s == steps_r0[0] for pr in per_rank for s in pr),
             "fold_reported": raw["ranks"][0][scheme]["reported_by_fold"][0],
-            "gather_seconds_median": median(s for rk in raw["ranks"] for s in rk[scheme]["gather_seconds"]),
+            "gather_seconds_median": common.median(s for rk in raw["ranks"] for s in rk[scheme]["gather_seconds"]),
             "init_rank0": raw["ranks"][0][scheme]["init"],
         }
         out["shapes"] = raw["ranks"][0][scheme]["shapes"]
@@ -200,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="K values measured with real processes")
     ap.add_argument("--computed", type=int, nargs="+", default=[8], help="K values computed by the formula")
     ap.add_argument("--steps", type=int, default=2)
-    add_output_args(ap, worker=True)
+    common.add_output_args(ap, worker=True)
     return ap
 
 
 def plot(rows: list[dict], big: list[dict], info: dict, args, figures_dir) -> str:
-    fig = new_figure(figsize=(13, 4.3), layout="constrained")
+    fig = common.new_figure(figsize=(13, 4.3), layout="constrained")
     ax_c, ax_b, ax_8b = fig.subplots(1, 3)
     Ks = [row["K"] for row in rows]
     kinds = ["measured" if row["measured"] else "formula" for row in rows]
@@ -243,16 +226,14 @@ def plot(rows: list[dict], big: list[dict], info: dict, args, figures_dir) -> st
     ax_8b.set_title(f"Llama-3.1-8B shapes, r={args.r} (formula)", fontsize=10)
     ax_8b.grid(True, axis="y", alpha=0.3)
     ax_8b.legend(fontsize=8)
-    return save_figure(fig, "communication.png", info, figures_dir)
+    return common.save_figure(fig, "communication.png", info, figures_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    quiet_hf()
-    if args.worker:
-        worker(worker_settings(args.worker))
+    args = common.parse_or_run_worker(build_parser(), worker, argv)
+    if args is None:  # a torchrun worker
         return {}
-    info = env_info(nproc=max(args.nproc), backend="gloo", threads=1)
+    info = common.env_info(nproc=max(args.nproc), backend="gloo", threads=1)
     measured = {}
     for K in args.nproc:
         print(f"[communication] K={K}: measuring with {K} gloo processes ...", flush=True)
@@ -268,24 +249,24 @@ def main(argv: list[str] | None = None) -> dict:
                 row[s] = {k: measured[K][s][k] for k in ("collectives", "bytes_contributed", "bytes_received")}
         rows.append(row)
     big = [formula(LLAMA31_8B_SHAPES, args.r, K) for K in (2, 4, 8)]
-    finish_env(info)
+    common.finish_env(info)
 
     table = []
     for row in rows:
         h, o = row["hdpissa"], row["official"]
         table.append([row["K"], "measured" if row["measured"] else "formula", h["collectives"], o["collectives"],
-                      fmt_bytes(h["bytes_contributed"]), fmt_bytes(o["bytes_contributed"]),
-                      fmt_bytes(h["bytes_received"]), fmt_bytes(o["bytes_received"]),
+                      common.fmt_bytes(h["bytes_contributed"]), common.fmt_bytes(o["bytes_contributed"]),
+                      common.fmt_bytes(h["bytes_received"]), common.fmt_bytes(o["bytes_received"]),
                       f"{o['bytes_received'] / h['bytes_received']:.1f}×",
-                      fmt_bytes(row["dp_lora_allreduce"]["ring_bytes_per_device"])])
-    print_table(["K", "source", "HD-PiSSA calls", "official calls", "HD-PiSSA sent", "official sent",
+                      common.fmt_bytes(row["dp_lora_allreduce"]["ring_bytes_per_device"])])
+    common.print_table(["K", "source", "HD-PiSSA calls", "official calls", "HD-PiSSA sent", "official sent",
                  "HD-PiSSA recv", "official recv", "official/ours", "DP-LoRA ring (formula)"], table,
                 title=f"Per optimizer step and device, preset '{args.preset}' ({len(shapes)} adapted layers), "
-                      f"r={args.r} ({env_line(info)})")
-    print_table(["K", "HD-PiSSA calls", "official calls", "HD-PiSSA recv", "official recv", "DP-LoRA ring"],
+                      f"r={args.r} ({common.env_line(info)})")
+    common.print_table(["K", "HD-PiSSA calls", "official calls", "HD-PiSSA recv", "official recv", "DP-LoRA ring"],
                 [[b["K"], b["hdpissa"]["collectives"], b["official"]["collectives"],
-                  fmt_bytes(b["hdpissa"]["bytes_received"]), fmt_bytes(b["official"]["bytes_received"]),
-                  fmt_bytes(b["dp_lora_allreduce"]["ring_bytes_per_device"])] for b in big],
+                  common.fmt_bytes(b["hdpissa"]["bytes_received"]), common.fmt_bytes(b["official"]["bytes_received"]),
+                  common.fmt_bytes(b["dp_lora_allreduce"]["ring_bytes_per_device"])] for b in big],
                 title=f"Llama-3.1-8B shapes (224 layers), r={args.r}, formula only")
     ok = all(eq for c in checks.values() for (_, _, eq) in c.values())
     print("formula check against measured K =", ", ".join(str(k) for k in measured), "->",
@@ -306,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
               "measured": {str(k): {s: v[s] for s in ("hdpissa", "official")} for k, v in measured.items()}}
     if args.figure:
         print("figure:", os.path.relpath(plot(rows, big, info, args, args.figures_dir)))
-    write_json("communication.json", result, args.results_dir)
+    common.write_json("communication.json", result, args.results_dir)
     return result
 
 

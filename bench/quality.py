@@ -30,24 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench._common import (
-    METHOD_LABELS,
-    add_output_args,
-    allreduce_mean_grads,
-    block_linear_names,
-    env_info,
-    env_line,
-    finish_env,
-    launch_workers,
-    mean_std,
-    new_figure,
-    print_table,
-    quiet_hf,
-    save_figure,
-    setup_method,
-    worker_settings,
-    write_json,
-)
+from bench import _common as common
 from hdpissa_trl.analysis.update_spectrum import effective_rank, numerical_rank
 
 METHODS = ("hdpissa", "lora", "pissa", "full")
@@ -110,10 +93,10 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
     from hdpissa_trl.analysis.subspace import outside_fractions, principal_bases
 
     model = task.new_student()
-    names = block_linear_names(model)
+    names = common.block_linear_names(model)
     w0 = {n: model.get_submodule(n).weight.detach().float().clone() for n in names}
     torch.manual_seed(seed)  # identical LoRA init on every rank
-    setup = setup_method(method, model, r, alpha, world=world, rank=rank, distributed=distributed, use_ddp=False,
+    setup = common.setup_method(method, model, r, alpha, world=world, rank=rank, distributed=distributed, use_ddp=False,
                          hdpissa_options=hdpissa_options)
     opt = torch.optim.AdamW(setup.params, lr=lr, weight_decay=0.0)
     is_main = rank == 0
@@ -138,7 +121,7 @@ def train_run(task, method: str, r: int, alpha: float, lr: float, steps: int, ev
         loss = task.loss(setup.model, task.train_batch(step, rank))
         loss.backward()
         if setup.name in ("lora", "pissa", "full") and distributed:
-            allreduce_mean_grads(setup.params)
+            common.allreduce_mean_grads(setup.params)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if setup.after_step is not None:
@@ -205,7 +188,7 @@ def worker(cfg: dict) -> None:
 
 
 def run_K(K: int, cfg: dict, timeout: float = 1800) -> list[dict]:
-    return launch_workers(__spec__.name, K, cfg, timeout, echo=True)  # this module
+    return common.launch_workers(__spec__.name, K, cfg, timeout, echo=True)  # this module
 
 
 def sweep(cfg: dict, Ks: list[int]) -> dict:
@@ -218,13 +201,13 @@ def sweep(cfg: dict, Ks: list[int]) -> dict:
                 for t in cfg["tasks"] for m in cfg["methods"] for lr in SWEEP_GRID[m]]
         records = run_K(K, dict(cfg, runs=runs, sweep=True))
         for rec in records:
-            rows.append([rec["task"], K, METHOD_LABELS[rec["method"]], f"{rec['lr']:g}",
+            rows.append([rec["task"], K, common.METHOD_LABELS[rec["method"]], f"{rec['lr']:g}",
                          f"{rec['final']['eval_loss']:.4f}"])
             cur = best.setdefault(rec["task"], {}).setdefault(str(K), {}).get(rec["method"])
             if cur is None or rec["final"]["eval_loss"] < cur[0]:
                 best[rec["task"]][str(K)][rec["method"]] = (rec["final"]["eval_loss"], rec["lr"])
     picks = {t: {k: {m: v[1] for m, v in ms.items()} for k, ms in byk.items()} for t, byk in best.items()}
-    print_table(["task", "K", "method", "lr", "final eval loss"], rows,
+    common.print_table(["task", "K", "method", "lr", "final eval loss"], rows,
                 title=f"LR probe: first seed, {cfg['steps']} steps, r={cfg['r']} per device")
     print("best:", json.dumps(picks))
     return {"best_lr": picks, "rows": rows}
@@ -237,15 +220,15 @@ def summarize(records: list[dict]) -> list[dict]:
     for task, K, method in keys:
         rs = [r for r in records if (r["task"], r["K"], r["method"]) == (task, K, method)]
         finals = [r["final"]["eval_loss"] for r in rs]
-        m, s = mean_std(finals)
+        m, s = common.mean_std(finals)
         row = {"task": task, "K": K, "method": method, "n_seeds": len(rs), "eval_loss_mean": m, "eval_loss_std": s,
                "eval_loss_min": min(finals), "eval_loss_max": max(finals),
-               "numerical_rank_mean": mean_std(mean_std([lay["numerical_rank"] for lay in r["layers"].values()])[0]
+               "numerical_rank_mean": common.mean_std(common.mean_std([lay["numerical_rank"] for lay in r["layers"].values()])[0]
                                                for r in rs)[0],
-               "effective_rank_mean": mean_std(mean_std([lay["effective_rank"] for lay in r["layers"].values()])[0]
+               "effective_rank_mean": common.mean_std(common.mean_std([lay["effective_rank"] for lay in r["layers"].values()])[0]
                                                for r in rs)[0]}
         if "token_acc" in rs[0]["final"]:
-            row["token_acc_mean"], row["token_acc_std"] = mean_std(r["final"]["token_acc"] for r in rs)
+            row["token_acc_mean"], row["token_acc_std"] = common.mean_std(r["final"]["token_acc"] for r in rs)
         out.append(row)
     return out
 
@@ -260,14 +243,14 @@ def report(summary: list[dict], info: dict, cfg: dict) -> None:
             headers.insert(4, "token acc")
         table = []
         for s in rows:
-            row = [s["K"], METHOD_LABELS[s["method"]], f"{s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f}",
+            row = [s["K"], common.METHOD_LABELS[s["method"]], f"{s['eval_loss_mean']:.4f} ± {s['eval_loss_std']:.4f}",
                    f"{s['eval_loss_min']:.4f} … {s['eval_loss_max']:.4f}", f"{s['numerical_rank_mean']:.1f}",
                    f"{s['effective_rank_mean']:.1f}"]
             if task == "multitask":
                 row.insert(4, f"{s['token_acc_mean']:.3f} ± {s['token_acc_std']:.3f}")
             table.append(row)
-        print_table(headers, table, title=f"{task}: r={cfg['r']} per device, {cfg['steps']} steps, "
-                                          f"{s['n_seeds']} seeds ({env_line(info)})")
+        common.print_table(headers, table, title=f"{task}: r={cfg['r']} per device, {cfg['steps']} steps, "
+                                          f"{s['n_seeds']} seeds ({common.env_line(info)})")
 
 
 COLORS = {"hdpissa": "#C44E52", "lora": "#4C72B0", "pissa": "#55A868", "full": "0.3"}
@@ -277,7 +260,7 @@ def _panels(records: list[dict], draw, title: str, name: str, info: dict, figure
     """One panel per (task, K), drawn by ``draw(ax, task, K)``; the panels' frame and the saving are shared."""
     Ks = sorted({r["K"] for r in records})
     tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in records)]
-    fig = new_figure(figsize=(4.4 * len(Ks), 3.6 * len(tasks)), layout="constrained")
+    fig = common.new_figure(figsize=(4.4 * len(Ks), 3.6 * len(tasks)), layout="constrained")
     axes = fig.subplots(len(tasks), len(Ks), squeeze=False)
     for i, task in enumerate(tasks):
         for j, K in enumerate(Ks):
@@ -286,7 +269,7 @@ def _panels(records: list[dict], draw, title: str, name: str, info: dict, figure
             axes[i][j].grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
-    return save_figure(fig, name, info, figures_dir)
+    return common.save_figure(fig, name, info, figures_dir)
 
 
 def plot_curves(records: list[dict], info: dict, cfg: dict, figures_dir, tag: str = "") -> str:
@@ -297,7 +280,7 @@ def plot_curves(records: list[dict], info: dict, cfg: dict, figures_dir, tag: st
                 continue
             steps = [c[0] for c in rs[0]["curve"]]
             vals = torch.tensor([[c[1]["eval_loss"] for c in r["curve"]] for r in rs])
-            ax.plot(steps, vals.mean(0), color=COLORS[method], label=METHOD_LABELS[method])
+            ax.plot(steps, vals.mean(0), color=COLORS[method], label=common.METHOD_LABELS[method])
             ax.fill_between(steps, vals.min(0).values, vals.max(0).values, color=COLORS[method], alpha=0.15)
         ax.set(xlabel="optimizer step", yscale="log",
                ylabel="relative eval MSE" if task == "teacher_student" else "eval completion loss")
@@ -318,7 +301,7 @@ def plot_spectra(records: list[dict], info: dict, cfg: dict, figures_dir, tag: s
             svs = [torch.tensor(lay["singular_values"]) for lay in rs[0]["layers"].values()]
             n = min(len(s) for s in svs)
             norm = torch.stack([s[:n] / s[0].clamp_min(1e-30) for s in svs]).mean(0)
-            ax.plot(range(1, n + 1), norm.clamp_min(1e-8), color=COLORS[method], label=METHOD_LABELS[method])
+            ax.plot(range(1, n + 1), norm.clamp_min(1e-8), color=COLORS[method], label=common.METHOD_LABELS[method])
         ax.axvline(2 * K * r, color=COLORS["hdpissa"], linestyle=":", linewidth=1)
         ax.axvline(2 * r, color=COLORS["pissa"], linestyle=":", linewidth=1)
         ax.text(2 * K * r + 1, 1e-7, f"2·K·r = {2 * K * r}", fontsize=7, color=COLORS["hdpissa"])
@@ -347,21 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                     help="override a default learning rate for every task, e.g. --lr hdpissa=3e-2 (repeatable)")
     ap.add_argument("--sweep", action="store_true", help="run the K=1 learning-rate probe instead")
-    add_output_args(ap, worker=True)
+    common.add_output_args(ap, worker=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    quiet_hf()
-    if args.worker:
-        worker(worker_settings(args.worker))
+    args = common.parse_or_run_worker(build_parser(), worker, argv)
+    if args is None:  # a torchrun worker
         return {}
     from bench._tasks import prepare_multitask_base
 
     model = QUICK_MODEL if args.quick else MODEL
     tasks = args.tasks.split(",")
-    info = env_info(nproc=max(args.nproc), backend="gloo", threads=1)
+    info = common.env_info(nproc=max(args.nproc), backend="gloo", threads=1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"model": model, "tasks": tasks, "methods": args.methods.split(","), "seeds": args.seeds,
                "steps": args.steps, "eval_every": args.eval_every, "r": args.r, "alpha": args.alpha,
@@ -374,14 +355,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[quality] multitask base pretrained on prompts in {time.perf_counter() - t0:.1f}s", flush=True)
         if args.sweep:
             res = sweep(cfg, args.nproc)
-            write_json("quality_lr_sweep.json", dict(res, env=finish_env(info)), args.results_dir)
+            common.write_json("quality_lr_sweep.json", dict(res, env=common.finish_env(info)), args.results_dir)
             return res
         records = []
         for K in args.nproc:
             t0 = time.perf_counter()
             records += run_K(K, dict(cfg, runs=plan_runs(cfg, K)))
             print(f"[quality] K={K} done in {time.perf_counter() - t0:.0f}s", flush=True)
-    finish_env(info)
+    common.finish_env(info)
     summary = summarize(records)
     report(summary, info, cfg)
     cfg.pop("base_dir")
@@ -389,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.figure:
         print("figures:", os.path.relpath(plot_curves(records, info, cfg, args.figures_dir, args.tag)),
               os.path.relpath(plot_spectra(records, info, cfg, args.figures_dir, args.tag)))
-    write_json(f"quality{'_quick' if args.quick else ''}{args.tag}.json", result, args.results_dir)
+    common.write_json(f"quality{'_quick' if args.quick else ''}{args.tag}.json", result, args.results_dir)
     return result
 
 

@@ -24,20 +24,8 @@ import time
 
 import torch
 
-from bench._common import (
-    add_output_args,
-    env_info,
-    env_line,
-    finish_env,
-    fmt_bytes,
-    launch_workers,
-    median,
-    print_table,
-    quiet_hf,
-    rss_bytes,
-    worker_settings,
-    write_json,
-)
+from bench import _common as common
+from bench._runlog import peak_rss, reset_peak_rss
 
 # (trainer, label, method, extra config): the configurations compared.
 CONFIGS = {
@@ -62,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8, help="per-device batch (DPO pairs / GRPO completions)")
     ap.add_argument("--max_completion_length", type=int, default=32, help="GRPO generation length")
     ap.add_argument("--model_dir", default=None, help="an existing model dir (default: build the preset offline)")
-    add_output_args(ap, worker=True)
+    common.add_output_args(ap, worker=True)
     return ap
 
 
@@ -90,23 +78,6 @@ def memory_breakdown(trainer) -> dict[str, int]:
             "trainable": _tensor_bytes(trainable),
             "optimizer_state": _tensor_bytes(opt),
             "reference_model": _tensor_bytes(ref.parameters()) if ref is not None else 0}
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def build_trainer(kind: str, method: str, extra: dict, settings: dict):
@@ -145,7 +116,7 @@ def worker(settings: dict) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    quiet_hf()
+    common.quiet_hf()
     trainer = build_trainer(settings["trainer"], settings["method"], settings["extra"], settings)
 
     class StepTimer(TrainerCallback):
@@ -160,9 +131,9 @@ def worker(settings: dict) -> None:
 
     timer = StepTimer()
     trainer.add_callback(timer)
-    rss_before, reset = rss_bytes(), _reset_peak_rss()
+    rss_before, reset = common.rss_bytes(), reset_peak_rss()
     trainer.train()
-    peak_increase = _peak_rss() - rss_before if reset else float("nan")
+    peak_increase = peak_rss() - rss_before if reset else float("nan")
     times = torch.tensor(timer.times, dtype=torch.float64)
     peak = torch.tensor([peak_increase], dtype=torch.float64)
     if dist.is_initialized():
@@ -188,7 +159,7 @@ def run(kinds: list[str], nproc: int, r: int, steps: int, warmup: int, rounds: i
                     cfg = dict(trainer=kind, method=method, extra=extra, r=r, steps=steps, batch=batch,
                                max_completion_length=max_completion_length, model_dir=model_dir,
                                output_dir=os.path.join(tmp, "out"))
-                    res = launch_workers("bench.rl_step", nproc, cfg, timeout=3600, threads=1)
+                    res = common.launch_workers("bench.rl_step", nproc, cfg, timeout=3600, threads=1)
                     rec = records.setdefault(kind, {}).setdefault(label, {"step_s": [], "peak": [], "memory": None})
                     rec["step_s"] += res["step_s"][warmup:]
                     rec["peak"].append(res["peak_rss_increase"])
@@ -201,32 +172,32 @@ def summarize(records: dict) -> dict:
     out = {}
     for kind, by_label in records.items():
         lora = next(label for label in by_label if label.startswith("PEFT LoRA"))
-        base = median(by_label[lora]["step_s"])
-        out[kind] = {label: {"step_ms": 1000 * median(rec["step_s"]), "x_lora": median(rec["step_s"]) / base,
+        base = common.median(by_label[lora]["step_s"])
+        out[kind] = {label: {"step_ms": 1000 * common.median(rec["step_s"]), "x_lora": common.median(rec["step_s"]) / base,
                              "peak_rss_increase": max(rec["peak"]), **rec["memory"]}
                      for label, rec in by_label.items()}
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        return worker(worker_settings(args.worker))
+    args = common.parse_or_run_worker(build_parser(), worker, argv, quiet=False)
+    if args is None:  # a torchrun worker
+        return None
     kinds = [k.strip() for k in args.trainers.split(",") if k.strip()]
-    info = env_info(nproc=args.nproc, backend="gloo", threads=1)
+    info = common.env_info(nproc=args.nproc, backend="gloo", threads=1)
     records = run(kinds, args.nproc, args.r, args.steps, args.warmup, args.rounds, args.batch,
                   args.max_completion_length, args.model_dir)
     summary = summarize(records)
-    finish_env(info)
+    common.finish_env(info)
     for kind, rows in summary.items():
-        print_table(["configuration", "step ms", "× LoRA", "policy weights", "trainable", "optimizer state",
+        common.print_table(["configuration", "step ms", "× LoRA", "policy weights", "trainable", "optimizer state",
                      "reference model", "peak RSS increase"],
-                    [[label, f"{v['step_ms']:.1f}", f"{v['x_lora']:.3f}", fmt_bytes(v["weights"]),
-                      fmt_bytes(v["trainable"]), fmt_bytes(v["optimizer_state"]), fmt_bytes(v["reference_model"]),
-                      fmt_bytes(v["peak_rss_increase"])] for label, v in rows.items()],
-                    title=f"{kind.upper()}, K={args.nproc}, r={args.r}, batch {args.batch}: {env_line(info)}")
+                    [[label, f"{v['step_ms']:.1f}", f"{v['x_lora']:.3f}", common.fmt_bytes(v["weights"]),
+                      common.fmt_bytes(v["trainable"]), common.fmt_bytes(v["optimizer_state"]), common.fmt_bytes(v["reference_model"]),
+                      common.fmt_bytes(v["peak_rss_increase"])] for label, v in rows.items()],
+                    title=f"{kind.upper()}, K={args.nproc}, r={args.r}, batch {args.batch}: {common.env_line(info)}")
     settings = {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir", "worker", "model_dir")}
-    path = write_json("rl_step.json", {"env": info, "settings": settings, "summary": summary, "records": records},
+    path = common.write_json("rl_step.json", {"env": info, "settings": settings, "summary": summary, "records": records},
                       args.results_dir)
     print(f"results: {path}")
 

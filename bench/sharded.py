@@ -35,23 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench._common import (
-    PRESETS,
-    CollectiveTap,
-    add_output_args,
-    env_info,
-    env_line,
-    finish_env,
-    fmt_bytes,
-    launch_workers,
-    median,
-    peak_rss_bytes,
-    print_table,
-    quiet_hf,
-    rss_bytes,
-    worker_settings,
-    write_json,
-)
+from bench import _common as common
 
 MODES = ("replicated", "all_gather", "all_to_all")  # replicated W, or sharded W with one of the two fold schemes
 WRAPPED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_single",
@@ -63,7 +47,7 @@ LLAMA31_70B = {"blocks": 80, "shapes": [(8192, 8192), (1024, 8192), (1024, 8192)
 
 
 # ------------------------------------------------------------------------------------------------------- counting
-class Traffic(CollectiveTap):
+class Traffic(common.CollectiveTap):
     """Bytes each rank sends to and receives from the others in the wrapped collectives, per phase."""
 
     names = WRAPPED
@@ -159,12 +143,12 @@ def worker(cfg: dict) -> None:
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
     torch.set_num_threads(1)
-    quiet_hf()
+    common.quiet_hf()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     sharded = cfg["mode"] != "replicated"
-    base = rss_bytes()
+    base = common.rss_bytes()
     t0 = time.perf_counter()
     model = build_model(cfg, sharded, mesh)
     hd = HDPiSSAConfig(r=cfg["r"], lora_alpha=float(cfg["r"]), sync_check_steps=0,
@@ -196,7 +180,7 @@ def worker(cfg: dict) -> None:
                                                                       "received": stats.bytes_received,
                                                                       "collectives": stats.num_collectives}})
     record = {"rank": rank, "world": world, "step_seconds": times, "init_seconds": init_seconds,
-              "peak_bytes": peak_rss_bytes() - base, "tensor_bytes": tensor_bytes(model, engine, opt),
+              "peak_bytes": common.peak_rss_bytes() - base, "tensor_bytes": tensor_bytes(model, engine, opt),
               "traffic": traffic_steps[-1] if traffic_steps else {},
               "comm_bytes": engine.comm_bytes() if sharded else None, "loss": loss.item(),
               "params": sum(p.numel() for p in model.parameters()), "layers": len(engine.layers)}
@@ -215,12 +199,12 @@ def run_mode(mode: str, K: int, shape: dict, args, blocks: int | None = None) ->
     cfg = {"mode": mode, "shape": shape, "r": args.r, "steps": args.steps, "warmup": args.warmup,
            "batch": args.batch, "seq": args.seq, "seed": 0}
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # see the module docstring; the workers inherit it
-    ranks = launch_workers(__spec__.name, K, cfg, timeout=1800)  # this module
+    ranks = common.launch_workers(__spec__.name, K, cfg, timeout=1800)  # this module
     steps = [max(r["step_seconds"][i] for r in ranks) for i in range(len(ranks[0]["step_seconds"]))]
-    print(f"[sharded]   -> peak/rank {fmt_bytes(max(r['peak_bytes'] for r in ranks))}, tensors/rank "
-          f"{fmt_bytes(max(r['tensor_bytes']['total'] for r in ranks))}, step {median(steps) * 1e3:.0f} ms", flush=True)
+    print(f"[sharded]   -> peak/rank {common.fmt_bytes(max(r['peak_bytes'] for r in ranks))}, tensors/rank "
+          f"{common.fmt_bytes(max(r['tensor_bytes']['total'] for r in ranks))}, step {common.median(steps) * 1e3:.0f} ms", flush=True)
     return {"mode": mode, "K": K, "blocks": shape["num_layers"], "params": ranks[0]["params"],
-            "step_seconds_median": median(steps), "init_seconds": max(r["init_seconds"] for r in ranks),
+            "step_seconds_median": common.median(steps), "init_seconds": max(r["init_seconds"] for r in ranks),
             "peak_bytes_max": max(r["peak_bytes"] for r in ranks),
             "tensor_bytes_max": max(r["tensor_bytes"]["total"] for r in ranks), "ranks": ranks}
 
@@ -310,20 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-budget", dest="budget", action="store_false")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, K=2, 2 steps, no budget search")
     ap.add_argument("--tag", default="")
-    add_output_args(ap, worker=True)
+    common.add_output_args(ap, worker=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        worker(worker_settings(args.worker))
+    args = common.parse_or_run_worker(build_parser(), worker, argv, quiet=False)
+    if args is None:  # a torchrun worker
         return {}
     if args.quick:
         args.preset, args.nproc, args.steps, args.warmup, args.budget, args.blocks = "tiny", [2], 2, 0, False, 2
-    quiet_hf()
-    shape = dict(PRESETS[args.preset], num_layers=args.blocks)
-    info = env_info(nproc=max(args.nproc), backend="gloo", threads=1)
+    common.quiet_hf()
+    shape = dict(common.PRESETS[args.preset], num_layers=args.blocks)
+    info = common.env_info(nproc=max(args.nproc), backend="gloo", threads=1)
     side = []
     for K in args.nproc:
         for mode in MODES:
@@ -345,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         for K in args.nproc:
             search.append(budget_search("all_to_all", K, shape, args, budget))
     proj = projection()
-    finish_env(info)
+    common.finish_env(info)
 
     rep = {res["K"]: res for res in side if res["mode"] == "replicated"}
     rows = []
@@ -355,36 +338,36 @@ def main(argv: list[str] | None = None) -> dict:
         fold = r0["traffic"].get("fold", {"received": 0, "calls": 0})
         fsdp = r0["traffic"].get("forward_backward", {"received": 0})
         rows.append([res["K"], res["mode"] if res["mode"] == "replicated" else f"sharded, {res['mode']}",
-                     fmt_bytes(res["peak_bytes_max"]), f"{res['peak_bytes_max'] / base['peak_bytes_max']:.2f}×",
-                     fmt_bytes(res["tensor_bytes_max"]), f"{res['tensor_bytes_max'] / base['tensor_bytes_max']:.2f}×",
+                     common.fmt_bytes(res["peak_bytes_max"]), f"{res['peak_bytes_max'] / base['peak_bytes_max']:.2f}×",
+                     common.fmt_bytes(res["tensor_bytes_max"]), f"{res['tensor_bytes_max'] / base['tensor_bytes_max']:.2f}×",
                      f"{res['step_seconds_median'] * 1e3:.0f} ms",
                      f"{res['step_seconds_median'] / base['step_seconds_median']:.2f}×",
-                     fmt_bytes(fold["received"]), fold["calls"], fmt_bytes(fsdp["received"])])
-    print_table(["K", "mode", "peak/rank", "vs repl.", "tensors/rank", "vs repl.", "step", "vs repl.",
+                     common.fmt_bytes(fold["received"]), fold["calls"], common.fmt_bytes(fsdp["received"])])
+    common.print_table(["K", "mode", "peak/rank", "vs repl.", "tensors/rank", "vs repl.", "step", "vs repl.",
                  "fold recv/rank", "fold calls", "FSDP gathers recv/rank"], rows,
                 title=f"Preset '{args.preset}' with {args.blocks} blocks ({side[0]['params'] / 1e6:.1f} M params, "
-                      f"fp32), r={args.r}, batch {args.batch}x{args.seq} ({env_line(info)})")
+                      f"fp32), r={args.r}, batch {args.batch}x{args.seq} ({common.env_line(info)})")
     print("fold bytes counted at the collectives == engine.comm_bytes() == FoldStats on every rank:",
           "ALL EQUAL" if all(checks) else "MISMATCH")
     if search:
-        print_table(["mode", "K", "budget/rank", "max blocks", "params", "peak at max", "peak at max+1"],
-                    [[s["mode"] if s["mode"] == "replicated" else "sharded", s["K"], fmt_bytes(s["budget_bytes"]),
-                      s["max_blocks"], f"{s['params'] / 1e6:.1f} M", fmt_bytes(s["peak_bytes"]),
-                      fmt_bytes(s["next_blocks_peak_bytes"])] for s in search],
+        common.print_table(["mode", "K", "budget/rank", "max blocks", "params", "peak at max", "peak at max+1"],
+                    [[s["mode"] if s["mode"] == "replicated" else "sharded", s["K"], common.fmt_bytes(s["budget_bytes"]),
+                      s["max_blocks"], f"{s['params'] / 1e6:.1f} M", common.fmt_bytes(s["peak_bytes"]),
+                      common.fmt_bytes(s["next_blocks_peak_bytes"])] for s in search],
                     title="Largest model (transformer blocks of the preset) that trains under the per-rank budget")
     fb = proj["fold_bytes_received"]
-    print_table(["item", "replicated W", "sharded W"],
-                [[k, fmt_bytes(proj["memory_replicated"][k]), fmt_bytes(proj["memory_sharded"][k])]
+    common.print_table(["item", "replicated W", "sharded W"],
+                [[k, common.fmt_bytes(proj["memory_replicated"][k]), common.fmt_bytes(proj["memory_sharded"][k])]
                  for k in proj["memory_replicated"]],
                 title=f"Projection (formula): {proj['model']}, K={proj['K']}, r={proj['r']}: memory per rank")
-    print(f"fold bytes received per rank and step: all_gather {fmt_bytes(fb['all_gather'])}, all_to_all "
-          f"{fmt_bytes(fb['all_to_all'])} ({fb['all_gather'] / fb['all_to_all']:.2f}x fewer); FSDP2's own parameter "
-          f"all-gathers (forward + backward): {fmt_bytes(proj['fsdp_param_allgather_bytes_received'])}")
+    print(f"fold bytes received per rank and step: all_gather {common.fmt_bytes(fb['all_gather'])}, all_to_all "
+          f"{common.fmt_bytes(fb['all_to_all'])} ({fb['all_gather'] / fb['all_to_all']:.2f}x fewer); FSDP2's own parameter "
+          f"all-gathers (forward + backward): {common.fmt_bytes(proj['fsdp_param_allgather_bytes_received'])}")
     result = {"env": info, "args": {k: v for k, v in vars(args).items()
                                     if k not in ("results_dir", "figures_dir", "worker")},
               "side_by_side": side, "fold_bytes_checks_equal": all(checks), "budget_search": search,
               "projection_70b": proj}
-    write_json(f"sharded{args.tag}.json", result, args.results_dir)
+    common.write_json(f"sharded{args.tag}.json", result, args.results_dir)
     return result
 
 

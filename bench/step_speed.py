@@ -25,26 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench._common import (
-    METHOD_LABELS,
-    add_output_args,
-    build_llama,
-    env_info,
-    env_line,
-    finish_env,
-    fmt_bytes,
-    launch_workers,
-    median,
-    new_figure,
-    peak_rss_bytes,
-    print_table,
-    quiet_hf,
-    rss_bytes,
-    save_figure,
-    setup_method,
-    worker_settings,
-    write_json,
-)
+from bench import _common as common
 from hdpissa_trl.distributed import world_and_rank
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
@@ -72,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
     ap.add_argument("--tag", default="", help="suffix of the result/figure file names")
-    add_output_args(ap, worker=True)
+    common.add_output_args(ap, worker=True)
     return ap
 
 
@@ -164,8 +145,8 @@ def measure_methods(methods, preset="cpu", r=16, alpha=16.0, batch=4, seq=128, a
     """
     setups, opts = {}, {}
     for name in methods:
-        model = build_llama(preset, seed=0, dtype=DTYPES[dtype]).to(device)
-        setups[name] = setup_method(name, model, r, alpha, world=world, rank=rank, distributed=distributed)
+        model = common.build_llama(preset, seed=0, dtype=DTYPES[dtype]).to(device)
+        setups[name] = common.setup_method(name, model, r, alpha, world=world, rank=rank, distributed=distributed)
         opts[name] = torch.optim.AdamW(setups[name].params, lr=lr, weight_decay=0.0)
     vocab = setups[methods[0]].inner.config.vocab_size
     records = {name: [] for name in methods}
@@ -207,7 +188,7 @@ def summarize(records: dict, accum: int, paper_accum: int) -> dict:
     """Medians per method and the ratios the issue's targets are about."""
     summary = {}
     for name, recs in records.items():
-        summary[name] = {k: median(rec[k] for rec in recs) for k in TIME_KEYS}
+        summary[name] = {k: common.median(rec[k] for rec in recs) for k in TIME_KEYS}
         summary[name]["n_steps"] = len(recs)
     ratios = {}
     if "hdpissa" in summary:
@@ -262,21 +243,21 @@ def _memory_only(args, rank: int, world: int, device: str) -> dict:
     """One method in a fresh process: peak RSS (CPU) or peak allocated GPU memory over a few steps."""
     name = args.memory_only
     # Warm up imports and allocator with the tiny preset first, so the baseline excludes library import memory.
-    warm = setup_method(name, build_llama("tiny", seed=0).to(device), 2, 2.0, world=world, rank=rank,
+    warm = common.setup_method(name, common.build_llama("tiny", seed=0).to(device), 2, 2.0, world=world, rank=rank,
                         distributed=True)
     ids = torch.zeros(1, 8, dtype=torch.long, device=device)
     warm.model(input_ids=ids, labels=ids).loss.backward()
     del warm, ids
-    base_rss = rss_bytes()
+    base_rss = common.rss_bytes()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build_llama(args.preset, seed=0, dtype=DTYPES[args.dtype]).to(device)
-    setup = setup_method(name, model, args.r, args.alpha, world=world, rank=rank, distributed=True)
+    model = common.build_llama(args.preset, seed=0, dtype=DTYPES[args.dtype]).to(device)
+    setup = common.setup_method(name, model, args.r, args.alpha, world=world, rank=rank, distributed=True)
     opt = torch.optim.AdamW(setup.params, lr=args.lr, weight_decay=0.0)
     vocab = setup.inner.config.vocab_size
     for step in range(3):
         train_step(setup, opt, make_batches(step, rank, args.accum, args.batch, args.seq, vocab, device), args.device)
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else peak_rss_bytes() - base_rss
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else common.peak_rss_bytes() - base_rss
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)
     return {"method": name, "peak_bytes": max(peaks), "kind": "cuda_max_allocated" if args.device == "cuda"
@@ -287,7 +268,7 @@ def _memory_only(args, rank: int, world: int, device: str) -> dict:
 def _run_worker(args, nproc: int, extra: dict, timeout: float = 600) -> dict:
     """Launch this module under torchrun; the workers read their settings from a JSON file (no CLI re-parsing)."""
     cfg = {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir")}
-    return launch_workers(__spec__.name, nproc, dict(cfg, **extra), timeout, threads=args.threads)
+    return common.launch_workers(__spec__.name, nproc, dict(cfg, **extra), timeout, threads=args.threads)
 
 
 def report(results: dict, args) -> None:
@@ -299,15 +280,15 @@ def report(results: dict, args) -> None:
             mem = res["memory"][m]
             state = mem["weights_and_buffers"] + mem["grads"] + mem["optimizer_state"] + mem["precision_state"]
             peak = res.get("peak", {}).get(m)
-            rows.append([METHOD_LABELS[m], f"{s[m]['step'] * 1e3:.1f}", f"{s[m]['step'] / s['lora']['step']:.3f}"
+            rows.append([common.METHOD_LABELS[m], f"{s[m]['step'] * 1e3:.1f}", f"{s[m]['step'] / s['lora']['step']:.3f}"
                          if "lora" in s else "-", f"{s[m]['fwd_bwd'] * 1e3:.1f}", f"{s[m]['opt_fold'] * 1e3:.1f}",
                          f"{s[m]['fold'] * 1e3:.1f}", f"{s[m]['gather'] * 1e3:.1f}", f"{s[m]['wait'] * 1e3:.1f}",
-                         fmt_bytes(state),
-                         fmt_bytes(mem["saved_activations"]), fmt_bytes(peak) if peak is not None else "-"])
-        print_table(["method", "step ms", "× LoRA", "fwd+bwd ms", "opt+fold ms", "fold ms", "gather ms",
+                         common.fmt_bytes(state),
+                         common.fmt_bytes(mem["saved_activations"]), common.fmt_bytes(peak) if peak is not None else "-"])
+        common.print_table(["method", "step ms", "× LoRA", "fwd+bwd ms", "opt+fold ms", "fold ms", "gather ms",
                      "rank wait ms", "weights+grads+optim", "saved activations", "peak mem"], rows,
                     title=f"K = {key} processes, accum {args.accum}, micro-batch {args.batch}×{args.seq}, r={args.r} "
-                          f"({env_line(res['env'])}); medians of {s[methods[0]]['n_steps']} steps")
+                          f"({common.env_line(res['env'])}); medians of {s[methods[0]]['n_steps']} steps")
         rat = res["summary"]["ratios"]
         print("ratios:", json.dumps({k: round(v, 4) for k, v in rat.items()}, sort_keys=True))
 
@@ -315,7 +296,7 @@ def report(results: dict, args) -> None:
 def plot(results: dict, args, figures_dir: str | None) -> str:
     methods = args.methods.split(",")
     runs = list(results["runs"].items())
-    fig = new_figure(figsize=(5.2 * len(runs), 4.6), layout="constrained")
+    fig = common.new_figure(figsize=(5.2 * len(runs), 4.6), layout="constrained")
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     colors = {"fwd_bwd": "#4C72B0", "opt": "#55A868", "fold": "#C44E52"}
     for ax, (key, res) in zip(axes, runs):
@@ -331,7 +312,7 @@ def plot(results: dict, args, figures_dir: str | None) -> str:
                                    (fold, colors["fold"], "fold (incl. gather)")):
             ax.bar(xs, vals, bottom=bottom, color=color, label=label)
             bottom = [a + b for a, b in zip(bottom, vals)]
-        ax.set_xticks(list(xs), [METHOD_LABELS[m].replace(" (", "\n(") for m in methods], fontsize=8)
+        ax.set_xticks(list(xs), [common.METHOD_LABELS[m].replace(" (", "\n(") for m in methods], fontsize=8)
         ax.set_ylabel("ms per optimizer step (median)")
         ax.set_ylim(0, 1.18 * max(bottom))
         ax.set_title(f"K = {key} processes, micro-batch {args.batch}×{args.seq}, accum {args.accum}", fontsize=10)
@@ -340,19 +321,17 @@ def plot(results: dict, args, figures_dir: str | None) -> str:
     fig.suptitle(f"Step time, Llama-style preset '{args.preset}', r={args.r} (lower is better)")
     info = dict(next(iter(results["runs"].values()))["env"])
     info["processes"] = "/".join(str(k) for k in results["runs"])
-    return save_figure(fig, f"step_speed{args.tag}.png", info, figures_dir)
+    return common.save_figure(fig, f"step_speed{args.tag}.png", info, figures_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    quiet_hf()
-    if args.worker:
-        worker(argparse.Namespace(**worker_settings(args.worker)))
+    args = common.parse_or_run_worker(build_parser(), lambda settings: worker(argparse.Namespace(**settings)), argv)
+    if args is None:  # a torchrun worker
         return {}
     results = {"args": {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir", "worker")},
                "runs": {}}
     for nproc in args.nproc:
-        info = env_info(nproc=nproc, backend=args.backend or ("nccl" if args.device == "cuda" else "gloo"),
+        info = common.env_info(nproc=nproc, backend=args.backend or ("nccl" if args.device == "cuda" else "gloo"),
                         device=args.device, threads=args.threads)
         print(f"[step_speed] K={nproc}: timing {args.methods} interleaved ...", flush=True)
         raw = _run_worker(args, nproc, {"memory_only": None})
@@ -365,12 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
             for m in args.methods.split(","):
                 print(f"[step_speed] K={nproc}: peak memory of {m} in a fresh process ...", flush=True)
                 res["peak"][m] = _run_worker(args, nproc, {"memory_only": m})["peak_bytes"]
-        finish_env(info)
+        common.finish_env(info)
         results["runs"][str(nproc)] = res
     report(results, args)
     if args.figure:
         print("figure:", os.path.relpath(plot(results, args, args.figures_dir)))
-    write_json(f"step_speed{args.tag}.json", results, args.results_dir)
+    common.write_json(f"step_speed{args.tag}.json", results, args.results_dir)
     return results
 
 

@@ -23,12 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl import DPOTrainer
 
-from .checks import refuse_adapted_output_head, refuse_sharded_w
 from .reference import (
+    ReferenceTrainerMixin,
     add_reference_adapter,
     frozen_copy,
-    load_synced_reference,
-    save_synced_reference,
     use_merged_weight_ref_sync,
 )
 from .trainer import HDPiSSATrainerMixin, _is_peft_model
@@ -51,7 +49,7 @@ def starts_from_plain_model(kwargs: dict) -> bool:
             and not _is_peft_model(kwargs.get("model")))
 
 
-class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
+class HDPiSSADPOTrainer(ReferenceTrainerMixin, HDPiSSATrainerMixin, DPOTrainer):
     """``trl.DPOTrainer`` training with HD-PiSSA (or a baseline: ``method="pissa" | "lora" | "full"``).
 
     Example::
@@ -64,6 +62,8 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
     starting model. ``sync_ref_model=True`` mixes the merged plain W into that copy. Launch with
     ``accelerate launch --num_processes K``; everything else behaves like ``DPOTrainer``.
     """
+
+    hdpissa_trl_parent = "DPOTrainer"
 
     def __init__(self, *args, **kwargs):
         kwargs = bind_arguments(DPOTrainer.__init__, args, kwargs)
@@ -106,16 +106,3 @@ class HDPiSSADPOTrainer(HDPiSSATrainerMixin, DPOTrainer):
             rejected.append(ref_rejected.float().cpu())
         return (dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
                 .add_column("ref_rejected_logps", torch.cat(rejected).tolist()))
-
-    def hdpissa_check_model(self, model) -> None:
-        refuse_adapted_output_head(model, self.hdpissa_config, "DPOTrainer")
-        refuse_sharded_w(self, "DPOTrainer")
-
-    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
-    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
-        super()._save_hdpissa_state(ckpt_dir)
-        save_synced_reference(self, ckpt_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_synced_reference(self, resume_from_checkpoint)

@@ -18,12 +18,10 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from .checks import refuse_adapted_output_head, refuse_sharded_w
 from .layer import plain_key
 from .reference import (
+    ReferenceTrainerMixin,
     add_reference_adapter,
-    load_synced_reference,
-    save_synced_reference,
     use_merged_weight_ref_sync,
 )
 from .trainer import HDPiSSATrainerMixin
@@ -45,7 +43,7 @@ def vllm_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield plain, data
 
 
-class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
+class HDPiSSAGRPOTrainer(ReferenceTrainerMixin, HDPiSSATrainerMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` training with HD-PiSSA (or a baseline: ``method="pissa" | "lora" | "full"``).
 
     Example::
@@ -58,6 +56,8 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
     frozen copy of the starting model; ``sync_ref_model=True`` mixes the merged W into it. Launch with
     ``accelerate launch --num_processes K``; everything else behaves like ``GRPOTrainer``.
     """
+
+    hdpissa_trl_parent = "GRPOTrainer"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,16 +77,3 @@ class HDPiSSAGRPOTrainer(HDPiSSATrainerMixin, GRPOTrainer):
                 yield vllm_generation._fix_param_name_to_vllm(name), weight
 
         vllm_generation._iter_named_params = iter_named_params
-
-    def hdpissa_check_model(self, model) -> None:
-        refuse_adapted_output_head(model, self.hdpissa_config, "GRPOTrainer")
-        refuse_sharded_w(self, "GRPOTrainer")
-
-    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
-    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
-        super()._save_hdpissa_state(ckpt_dir)
-        save_synced_reference(self, ckpt_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_synced_reference(self, resume_from_checkpoint)

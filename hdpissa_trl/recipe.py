@@ -20,6 +20,7 @@ from typing import Any
 from trl import ScriptArguments
 
 from .config import HDPiSSAConfig
+from .data import dataset_label
 from .trainer import METHODS
 
 logger = logging.getLogger(__name__)
@@ -221,3 +222,79 @@ def _looks_like_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def evaluate(model_or_dir, tokenizer, script_args, desc: str, dtype: str, trust_remote_code: bool = False):
+    """Score ``model_or_dir`` (loaded in ``dtype``) on the configured tasks (main process only); None without tasks."""
+    if not script_args.eval_tasks:
+        return None
+    from evaluation import evaluate_model
+
+    print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit})")
+    return evaluate_model(model_or_dir, tokenizer, tasks=script_args.eval_tasks, limit=script_args.eval_limit,
+                          batch_size=script_args.eval_batch_size, max_new_tokens=script_args.eval_max_new_tokens,
+                          chat=script_args.eval_chat, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def resolve_model(script_args, training_args, model_args) -> tuple[str, dict | None]:
+    """The plain checkpoint to train from (a local dir, the demo's tiny model, a GGUF file converted once) and TRL's ``model_init_kwargs`` from ``ModelConfig``."""
+    with training_args.main_process_first(local=False, desc="resolving the model source"):
+        model_path, gguf = resolve_model_source(model_args.model_name_or_path, script_args.gguf_file,
+                                                script_args.build_tiny_model)
+    kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                  attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = kwargs
+    return model_path, gguf
+
+
+def evaluate_before(model_path: str, script_args, training_args) -> dict | None:
+    """The base model's scores (fp32, main process), for the before/after table; None when not configured."""
+    if training_args.process_index != 0 or not (script_args.eval_tasks and script_args.eval_before):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
+    return evaluate(model_path, tokenizer, script_args, "base", "float32", training_args.trust_remote_code)
+
+
+def finish_run(trainer, script_args, training_args, model_args, dataset_args, gguf: dict | None,
+               before: dict | None, extra_info: dict[str, Any] | None = None) -> None:
+    """Train, save the merged plain model and state, evaluate after, write the card, push; print where it all is.
+
+    ``extra_info``: more rows for the card's settings table (the RL recipes: reference, rewards)."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    out = training_args.output_dir
+    trainer.save_model(out)
+    trainer.save_state()
+    card: dict[str, Any] = {"run_info": {
+        "base model": model_args.model_name_or_path,
+        "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
+        if gguf else None,
+        "prompt template": script_args.prompt_template,
+        "datasets": [dataset_label(d) for d in dataset_args.datasets],
+        **(extra_info or {}),
+    }}
+    if training_args.process_index == 0 and script_args.eval_tasks:
+        from evaluation import save_report
+
+        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
+                         training_args.trust_remote_code)
+        after["before"] = before
+        save_report(after, os.path.join(out, "eval_results.json"))
+        card.update(eval_report=after, eval_before=before)
+    model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
+        os.path.abspath(out))
+    trainer.create_model_card(model_name=model_name, **card)
+    trainer.accelerator.wait_for_everyone()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+        trainer.accelerator.print(f"Pushed the merged model and its card to {trainer.hub_model_id}.")
+    trainer.accelerator.print(
+        f"Merged model: {os.path.join(out, 'model.safetensors')}\nModel card:   {os.path.join(out, 'README.md')}\n"
+        + (f"Metrics:      {os.path.join(out, 'eval_results.json')}\n" if script_args.eval_tasks else "")
+        + f"Train state:  {os.path.join(out, 'trainer_state.json')}"
+    )
+    if hasattr(trainer, "end"):
+        trainer.end()

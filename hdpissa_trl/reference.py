@@ -148,3 +148,25 @@ def load_synced_reference(trainer, ckpt_dir: str) -> None:
                          f"has {len(params)}).")
     for name, param in params.items():
         param.copy_(saved[name].to(param.device, param.dtype))
+
+
+class ReferenceTrainerMixin:
+    """What HD-PiSSA's DPO and GRPO trainers share (put in front of :class:`HDPiSSATrainerMixin`): their refusals
+    (an adapted output head, W sharded by rows) and a synced reference saved into and restored from checkpoints."""
+
+    hdpissa_trl_parent = "a TRL trainer"  # the TRL class name the messages use
+
+    def hdpissa_check_model(self, model) -> None:
+        from .checks import refuse_adapted_output_head, refuse_sharded_w
+
+        refuse_adapted_output_head(model, self.hdpissa_config, self.hdpissa_trl_parent)
+        refuse_sharded_w(self, self.hdpissa_trl_parent)
+
+    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
+    def _save_hdpissa_state(self, ckpt_dir: str) -> None:
+        super()._save_hdpissa_state(ckpt_dir)
+        save_synced_reference(self, ckpt_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_synced_reference(self, resume_from_checkpoint)

@@ -24,25 +24,10 @@ import argparse
 
 
 def main(script_args, training_args, model_args, dataset_args):
-    import torch
-
     from hdpissa_trl import HDPiSSADPOTrainer
-    from hdpissa_trl.recipe import hdpissa_config_from_args
-    from hdpissa_trl.recipe_rl import evaluate_before, finish_run, load_data, resolve_model
+    from hdpissa_trl.recipe_rl import run_recipe
 
-    model_path, gguf = resolve_model(script_args, training_args, model_args)
-    dataset = load_data(dataset_args, ("prompt", "chosen", "rejected"), script_args.prompt_template)
-    before = evaluate_before(model_path, script_args, training_args)
-    trainer = HDPiSSADPOTrainer(
-        model=model_path,
-        args=training_args,
-        train_dataset=dataset["train"],
-        eval_dataset=dataset["test"] if "test" in dataset and training_args.eval_strategy != "no" else None,
-        hdpissa_config=hdpissa_config_from_args(script_args, model_args, seed=training_args.seed),
-        method=script_args.method,
-        save_dtype=getattr(torch, script_args.save_dtype) if script_args.save_dtype else None,
-    )
-    finish_run(trainer, script_args, training_args, model_args, dataset_args, gguf, before)
+    run_recipe(HDPiSSADPOTrainer, ("prompt", "chosen", "rejected"), script_args, training_args, model_args, dataset_args)
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):

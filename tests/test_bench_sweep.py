@@ -80,7 +80,8 @@ def test_tiny_sweep_writes_one_json_per_run_and_resumes(tmp_path):
             assert rec["heldout"] == rec["curve"][-1][1] and len(rec["curve"]) == 3 and len(rec["train_losses"]) == 2
             assert 0 <= rec["heldout"]["agree"] <= 1 and rec["peak_rss_bytes"] > 2**20 and rec["step_time_s"] > 0
             assert 0 < rec["heldout"]["outside_k4"] < 1  # the measured share of ΔW outside the top-4 set
-        sweep.main(["summary", "_test", "--results_dir", str(tmp_path / "res")])
+        sweep.main(["summary", "_test", "--results_dir", str(tmp_path / "res"), "--figures_dir", str(tmp_path / "fig")])
+        assert os.path.exists(tmp_path / "fig" / "sweep__test.png")  # the figure goes where asked, not into bench/
         assert "HD-PiSSA K=2" in (tmp_path / "res" / "_test" / "SUMMARY.md").read_text()
     finally:
         sweep.STUDIES.pop("_test")
