@@ -12,21 +12,44 @@ changed. A test that still fails under the probe has a failure that is not about
 
 from __future__ import annotations
 
-from hdpissa_trl import HDPiSSASFTTrainer
+from hdpissa_trl import HDPiSSADPOTrainer, HDPiSSAGRPOTrainer, HDPiSSASFTTrainer
+
+
+def _probe(trainer) -> None:
+    engine = trainer.hdpissa_engine
+    if engine is None:
+        return
+    trained = {f"{name}.base_layer.weight" for name in engine.names}
+    model = trainer.model
+    real = model.get_parameter
+
+    def get_parameter(name: str):
+        param = real(name)
+        return param if name in trained else param.detach() + 1  # "changed": HD-PiSSA never trains it
+
+    model.get_parameter = get_parameter
 
 
 class ProbeTrainer(HDPiSSASFTTrainer):
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
-        engine = self.hdpissa_engine
-        if engine is not None:
-            trained = {f"{name}.base_layer.weight" for name in engine.names}
-            model = self.model
-            real = model.get_parameter
+        _probe(self)
+        return out
 
-            def get_parameter(name: str):
-                param = real(name)
-                return param if name in trained else param.detach() + 1  # "changed": HD-PiSSA never trains it
 
-            model.get_parameter = get_parameter
+class ProbeDPOTrainer(HDPiSSADPOTrainer):
+    """The same probe for TRL's DPOTrainer tests (``.../peer_trl_ext/run.sh --module dpo``)."""
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        _probe(self)
+        return out
+
+
+class ProbeGRPOTrainer(HDPiSSAGRPOTrainer):
+    """The same probe for TRL's GRPOTrainer tests (``.../peer_trl_ext/run.sh --module grpo``)."""
+
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        _probe(self)
         return out

@@ -220,3 +220,16 @@ def test_recipe_flags_reach_the_config():
                                                           hdpissa_rotate_pool=3), model_args)
     assert (cfg.subspace, cfg.subspace_steps, cfg.rotate_pool) == ("rotate", 7, 3)
     assert hdpissa_config_from_args(HDPiSSAScriptArguments(), model_args).subspace == "fixed"
+
+
+def test_schedules_are_refused_with_w_sharded_by_rows():
+    """The sharded engine folds row shards only; the schedules are built for the replicated engine: a clear error
+    before any weight is touched."""
+    from hdpissa_trl.sharded import ShardedHDPiSSAEngine
+
+    model = build_tiny_model("llama", seed=0, num_layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("rotate", "refactor", "moving"):
+        with pytest.raises(ValueError, match=f"subspace='{mode}' is not available with W sharded by rows"):
+            ShardedHDPiSSAEngine(model, HDPiSSAConfig(r=2, subspace=mode), 0, 1, show_progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
