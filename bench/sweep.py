@@ -329,7 +329,10 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
         labels = _label_order({r["label"] for r in recs})
         lrs = sorted({r["lr"] for r in recs})
         metric_cols = _metric_cols(recs, task)
-        lines += ["", f"**{task}: held-out loss by learning rate** (mean over seeds; bold = the label's best; "
+        select = STUDIES.get(records[0].get("study"), {}).get("select_seeds")
+        over = f"seed{'s' if len(select) > 1 else ''} {', '.join(map(str, select))} only, where the rates are chosen" \
+            if select else "mean over seeds"
+        lines += ["", f"**{task}: held-out loss by learning rate** ({over}; bold = the label's best; "
                       f"`edge` = best at the end of its grid)", "",
                   "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
                   "|---|" + "---|" * len(lrs)]
