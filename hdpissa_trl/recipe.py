@@ -237,7 +237,9 @@ def evaluate(model_or_dir, tokenizer, script_args, desc: str, dtype: str, trust_
 
 
 def resolve_model(script_args, training_args, model_args) -> tuple[str, dict | None]:
-    """The plain checkpoint to train from (a local dir, the demo's tiny model, a GGUF file converted once) and TRL's ``model_init_kwargs`` from ``ModelConfig``."""
+    """The plain checkpoint to train from (a local dir, the demo's tiny model, a GGUF file converted once) and TRL's
+    ``model_init_kwargs`` from ``ModelConfig`` (the global main process resolves first: save_pretrained writes on
+    rank 0 only)."""
     with training_args.main_process_first(local=False, desc="resolving the model source"):
         model_path, gguf = resolve_model_source(model_args.model_name_or_path, script_args.gguf_file,
                                                 script_args.build_tiny_model)
