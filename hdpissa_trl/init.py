@@ -78,7 +78,7 @@ def distributed_init_factors(weights: list[torch.Tensor], k: int, method: str, n
 
 
 def init_factors_per_layer(weights: list[torch.Tensor], ranks: list[int], world_size: int, config,
-                  show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                           show_progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Initial factors of every layer, ``world_size·r_layer`` directions each, scaled by ``lora_alpha / r_layer``
     (one :func:`distributed_init_factors` call per distinct rank). ``config`` is an :class:`HDPiSSAConfig`."""
     factors: list = [None] * len(weights)
