@@ -167,7 +167,8 @@ class HDPiSSAEngine:
     def _inject(self, targets: list[tuple[str, nn.Module]], ranks: list[int], show_progress: bool) -> None:
         """Factor every target (each layer on one rank, broadcast) and swap in the HD-PiSSA layers."""
         config = self.config
-        factors = init_factors_per_layer([mod.weight for _, mod in targets], ranks, self.world_size, config, show_progress)
+        factors = init_factors_per_layer([mod.weight for _, mod in targets], ranks, self.world_size, config,
+                                         show_progress)
         for i, ((name, module), r, (A0_all, B0_all)) in enumerate(zip(targets, ranks, factors)):
             layer = HDPiSSALinear(module, r, self.rank, self.world_size, config.lora_alpha / r, config.lora_dropout,
                                   name=name)
