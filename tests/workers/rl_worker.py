@@ -14,7 +14,7 @@ import os
 
 import torch
 from datasets import Dataset
-from workers.trainer_worker import Recorder, StopAfter, make_dataset
+from workers.trainer_worker import Recorder, StopAfter, make_dataset, setup_record
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSADPOTrainer, HDPiSSAGRPOTrainer, HDPiSSATrainer
 from hdpissa_trl.rewards import digit_reward
@@ -90,14 +90,7 @@ def main() -> None:
         trainer.add_callback(StopAfter(args.stop_after))
     rank = trainer.accelerator.process_index
     eng = trainer.hdpissa_engine
-    record = {"world_size": trainer.accelerator.num_processes, "args_world_size": trainer.args.world_size,
-              "dist_world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-    if eng is not None:
-        record["A_setup"] = {n: lyr.lora_A.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["W_start"] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["scale"] = eng.config.scale
+    record = setup_record(trainer)
     trainer.train(resume_from_checkpoint=args.resume)
     record["wrapped_type"] = type(trainer.model_wrapped).__name__
     if eng is not None:

@@ -95,6 +95,37 @@ class StopAfter(TrainerCallback):
 FAULTS = ("backward", "fold", "checkpoint", "hang", "exit", "perturb", "inf")
 
 
+def setup_record(trainer) -> dict:
+    """World sizes as each layer sees them, and every device's slice and W right after set-up (before ``train()``):
+    what the multi-process tests compare across ranks and feed to :func:`check_w_against_fold_formula`."""
+    record = {"world_size": trainer.accelerator.num_processes, "args_world_size": trainer.args.world_size,
+              "dist_world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+    eng = trainer.hdpissa_engine
+    if eng is not None:
+        record["A_setup"] = {n: lyr.lora_A.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
+        record["W_start"] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
+        record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
+        record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
+        record["scale"] = eng.config.scale
+    return record
+
+
+def check_w_against_fold_formula(r0: dict, r1: dict, steps: int) -> None:
+    """Both ranks hold the same W, and it equals the fold formula applied by hand (float64) to what each device's
+    optimizer produced at every step: ``W = W_start + s·Σ_steps Σ_k (B_k A_k − B0_k A0_k)``."""
+    s = r0["scale"]
+    for n in r0["W"]:
+        assert torch.equal(r0["W"][n], r1["W"][n])
+        ref = r0["W_start"][n].double().clone()
+        A0, B0 = r0["A0_all"][n].double(), r0["B0_all"][n].double()
+        r = A0.shape[0] // 2
+        for step in range(steps):
+            for k, rec in enumerate((r0, r1)):
+                A, B = (t.double() for t in rec["stepped"][step][n])
+                ref += s * (B @ A - B0[:, k * r:(k + 1) * r] @ A0[k * r:(k + 1) * r])
+        torch.testing.assert_close(r0["W"][n].double(), ref, rtol=0, atol=1e-5)
+
+
 def install_fault(trainer, spec: str, record_dir: str) -> None:
     """Arm one fault ``KIND:STEP:RANK`` on rank RANK at optimizer step STEP (1-based, gradient accumulation 1).
 
@@ -239,14 +270,7 @@ def main() -> None:
     trainer.model.register_forward_pre_hook(lambda module, inputs: forwards.append(1) if module.training else None)
     rank = trainer.accelerator.process_index
     eng = trainer.hdpissa_engine
-    record = {"world_size": trainer.accelerator.num_processes, "args_world_size": trainer.args.world_size,
-              "dist_world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
-    if eng is not None:
-        record["A_setup"] = {n: lyr.lora_A.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["W_start"] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["scale"] = eng.config.scale
+    record = setup_record(trainer)
     trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
     # The model object trained is never a DDP wrapper.
     record["wrapped_type"] = type(trainer.model_wrapped).__name__
