@@ -261,12 +261,17 @@ def _fmt(xs: list[float], digits: int = 4, sign: bool = False) -> str:
     return f.format(m) + (f" ± {s:.{digits}f}" if len(xs) > 1 else "")
 
 
+def selection_seeds(records: list[dict]) -> list[int] | None:
+    """The seeds the records' study chooses its rates on (``select_seeds``), or None: all of them."""
+    return STUDIES.get(records[0].get("study"), {}).get("select_seeds") if records else None
+
+
 def best_lrs(records: list[dict], select_seeds: list[int] | None = None) -> dict[tuple[str, str], dict]:
     """Per (task, label): the learning rate with the lowest mean held-out loss over seeds, and the grid it beat.
 
     A study with ``select_seeds`` chooses the rate on those seeds only (its other seeds run at the chosen rate)."""
-    if select_seeds is None and records:
-        select_seeds = STUDIES.get(records[0].get("study"), {}).get("select_seeds")
+    if select_seeds is None:
+        select_seeds = selection_seeds(records)
     out = {}
     for task, label in sorted({(r["task"], r["label"]) for r in records}):
         by_lr: dict[float, list[float]] = {}
@@ -329,7 +334,7 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
         labels = _label_order({r["label"] for r in recs})
         lrs = sorted({r["lr"] for r in recs})
         metric_cols = _metric_cols(recs, task)
-        select = STUDIES.get(records[0].get("study"), {}).get("select_seeds")
+        select = selection_seeds(records)
         over = f"seed{'s' if len(select) > 1 else ''} {', '.join(map(str, select))} only, where the rates are chosen" \
             if select else "mean over seeds"
         lines += ["", f"**{task}: held-out loss by learning rate** ({over}; bold = the label's best; "
