@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hdpissa_trl.distributed import world_and_rank
-from hdpissa_trl.launch import REPO_ROOT, child_env, torchrun
+from hdpissa_trl.launch import REPO_ROOT, child_env, end_worker, torchrun
 
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
@@ -201,13 +201,14 @@ def worker_settings(path: str) -> dict:
 
 def parse_or_run_worker(parser, worker, argv: list[str] | None = None, quiet: bool = True):
     """The start of every script's ``main``: parse ``argv``; in a torchrun child (``--worker SETTINGS.json``) run
-    ``worker(settings)`` and return None, else return the parsed arguments for the driver."""
+    ``worker(settings)`` and end the process (:func:`hdpissa_trl.launch.end_worker`), else return the parsed
+    arguments for the driver."""
     args = parser.parse_args(argv)
     if quiet:
         quiet_hf()
     if args.worker:
         worker(worker_settings(args.worker))
-        return None
+        end_worker()  # a torchrun child ends here (see end_worker for why not a plain return)
     return args
 
 

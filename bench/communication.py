@@ -231,8 +231,6 @@ def plot(rows: list[dict], big: list[dict], info: dict, args, figures_dir) -> st
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_or_run_worker(build_parser(), worker, argv)
-    if args is None:  # a torchrun worker
-        return {}
     info = common.env_info(nproc=max(args.nproc), backend="gloo", threads=1)
     measured = {}
     for K in args.nproc:

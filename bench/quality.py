@@ -336,8 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_or_run_worker(build_parser(), worker, argv)
-    if args is None:  # a torchrun worker
-        return {}
     from bench._tasks import prepare_multitask_base
 
     model = QUICK_MODEL if args.quick else MODEL

@@ -181,8 +181,6 @@ def summarize(records: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = common.parse_or_run_worker(build_parser(), worker, argv, quiet=False)
-    if args is None:  # a torchrun worker
-        return None
     kinds = [k.strip() for k in args.trainers.split(",") if k.strip()]
     info = common.env_info(nproc=args.nproc, backend="gloo", threads=1)
     records = run(kinds, args.nproc, args.r, args.steps, args.warmup, args.rounds, args.batch,

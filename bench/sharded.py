@@ -300,8 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_or_run_worker(build_parser(), worker, argv, quiet=False)
-    if args is None:  # a torchrun worker
-        return {}
     if args.quick:
         args.preset, args.nproc, args.steps, args.warmup, args.budget, args.blocks = "tiny", [2], 2, 0, False, 2
     common.quiet_hf()

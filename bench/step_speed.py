@@ -326,8 +326,6 @@ def plot(results: dict, args, figures_dir: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_or_run_worker(build_parser(), lambda settings: worker(argparse.Namespace(**settings)), argv)
-    if args is None:  # a torchrun worker
-        return {}
     results = {"args": {k: v for k, v in vars(args).items() if k not in ("results_dir", "figures_dir", "worker")},
                "runs": {}}
     for nproc in args.nproc:

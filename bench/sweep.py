@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from bench._common import REPO_ROOT, env_info, load_average, mean_std, quiet_hf, torchrun
 from bench._runlog import git_commit, load_runs, peak_rss, reset_peak_rss, run_exists, run_id, write_run
+from hdpissa_trl.launch import end_worker
 
 SWEEP_DIR = os.path.join(REPO_ROOT, "bench", "results", "sweep")
 
@@ -628,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         with open(args.worker, encoding="utf-8") as f:
             tiny_worker(json.load(f))
+        end_worker()  # a torchrun child ends here
     elif args.command == "run":
         run_main(args)
     elif args.command == "summary":

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NoReturn
 
 # The checkout holding this package (tests/, bench/ and recipes/ sit beside it in a source tree).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +50,23 @@ def torchrun(target: str, nproc: int, args: list[str], timeout: float = 300, ech
         raise RuntimeError(f"torchrun of {target} with {nproc} processes failed ({proc.returncode}):\n"
                            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def end_worker() -> NoReturn:
+    """End a ``torchrun`` child whose work is done: wait for the other ranks, destroy the process group if one is
+    still up, flush stdout/stderr and exit with status 0 through ``os._exit``. Call it from a worker's entry point
+    only (never from a function a test also calls in-process).
+
+    Why not a normal return: once in a while (seen once in CI, after every result file had been written) gloo's C++
+    threads abort a process while the interpreter is being finalised ("terminate called without an active
+    exception"), and torchrun then fails the whole launch. ``os._exit`` skips that teardown; what the worker wrote is
+    on disk by then (its files are closed), and only this process's exit status is decided here.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
+from hdpissa_trl.launch import end_worker
 from hdpissa_trl.testing_utils import build_tiny_model
 
 VOCAB = 97
@@ -103,3 +104,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()  # a torchrun child ends here

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from engine_worker import batch, make_model
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
+from hdpissa_trl.launch import end_worker
 
 
 def main() -> None:
@@ -61,3 +62,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()  # a torchrun child ends here
