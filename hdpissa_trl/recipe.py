@@ -298,5 +298,6 @@ def finish_run(trainer, script_args, training_args, model_args, dataset_args, gg
         + (f"Metrics:      {os.path.join(out, 'eval_results.json')}\n" if script_args.eval_tasks else "")
         + f"Train state:  {os.path.join(out, 'trainer_state.json')}"
     )
-    if hasattr(trainer, "end"):
-        trainer.end()
+    # accelerate's own end of a script: trackers finished, process group destroyed before the interpreter exits (PyTorch
+    # asks for it; gloo's threads can abort a process that exits with the group still up).
+    trainer.accelerator.end_training()

@@ -17,6 +17,7 @@ from datasets import Dataset
 from workers.trainer_worker import Recorder, StopAfter, make_dataset, setup_record
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSADPOTrainer, HDPiSSAGRPOTrainer, HDPiSSATrainer
+from hdpissa_trl.launch import end_worker
 from hdpissa_trl.rewards import digit_reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()  # a launched child ends here

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+from hdpissa_trl.launch import end_worker
 
 
 def make_dataset(n: int = 96, fmt: str = "prompt_completion") -> Dataset:
@@ -293,3 +294,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()  # a launched child ends here
