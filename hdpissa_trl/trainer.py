@@ -21,6 +21,7 @@ import datetime
 import inspect
 import logging
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -95,6 +96,14 @@ class _FoldCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.hdpissa_after_optimizer_step()
+
+
+def _rank_text(r: int, ranks: list[int]) -> str:
+    """The card's per-device r: ``r``, or with layers fitted below it (K·r > min(out, in)) how many layers got which r."""
+    if set(ranks) == {r}:
+        return str(r)
+    counts = Counter(ranks)
+    return f"{r}, fitted per layer: " + ", ".join(f"r={k} on {counts[k]}" for k in sorted(counts, reverse=True))
 
 
 class HDPiSSATrainerMixin(CheckpointMixin):
@@ -235,9 +244,11 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         cfg, K, args = self.hdpissa_config, self.accelerator.num_processes, self.args
         info: dict[str, Any] = {"method": self.method, "devices K": K}
         if self.method == "hdpissa":
-            info.update({"per-device r": cfg.r, "lora_alpha": cfg.lora_alpha,
-                         "update rank per step (2·K·r)": 2 * K * cfg.r,
-                         "directions owned (K·r)": K * cfg.r, "init": cfg.init_method,
+            ranks = [layer.r for layer in self.hdpissa_engine.layers]
+            info.update({"per-device r": _rank_text(cfg.r, ranks), "adapted layers": len(ranks),
+                         "lora_alpha": cfg.lora_alpha,
+                         "update rank per step (2·K·r)": 2 * K * max(ranks),
+                         "directions owned (K·r)": K * max(ranks), "init": cfg.init_method,
                          "W precision": cfg.precision, "target modules": cfg.target_modules,
                          "subspace schedule": cfg.subspace + ("" if cfg.subspace in ("fixed", "moving") else
                                                               f" every {cfg.subspace_steps} folds")})

@@ -409,3 +409,28 @@ def test_mixin_alone_makes_a_trainer(tiny_model_dir, tmp_path):
     assert not any("lora" in k or "base_layer" in k for k in saved)
     name = trainer.hdpissa_engine.names[0]
     assert torch.equal(saved[f"{name}.weight"], trainer.hdpissa_engine.layers[0].base_layer.weight)
+
+
+def test_model_card_states_the_fitted_ranks(tiny_model_dir, tmp_path):
+    """r larger than some layers: the card says which r each layer got (the largest with K·r <= min(out, in)), and the
+    update rank from the largest r used, counted here from the base model's layer shapes."""
+    from transformers import AutoModelForCausalLM
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fitted = [min(48, min(mod.weight.shape)) for name, mod in base.named_modules()
+              if isinstance(mod, torch.nn.Linear) and name.endswith("proj")]
+    assert set(fitted) == {48, 32}  # the tiny llama's k/v projections are 32 wide
+    trainer = HDPiSSASFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path / "out", max_steps=1),
+                                train_dataset=make_dataset(8, "prompt_completion"),
+                                hdpissa_config=HDPiSSAConfig(r=48, lora_alpha=48))
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(model_name="m")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (f"| per-device r | 48, fitted per layer: r=48 on {fitted.count(48)}, r=32 on {fitted.count(32)} |"
+            in card), card
+    assert f"| adapted layers | {len(fitted)} |" in card
+    assert "| update rank per step (2·K·r) | 96 |" in card and "| directions owned (K·r) | 48 |" in card
