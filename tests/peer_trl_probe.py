@@ -38,7 +38,7 @@ class ProbeTrainer(HDPiSSASFTTrainer):
 
 
 class ProbeDPOTrainer(HDPiSSADPOTrainer):
-    """The same probe for TRL's DPOTrainer tests (``.../peer_trl_ext/run.sh --module dpo``)."""
+    """The same probe for TRL's DPOTrainer tests (``tools/peer_trl_ext/run.sh --module dpo``)."""
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
@@ -47,7 +47,7 @@ class ProbeDPOTrainer(HDPiSSADPOTrainer):
 
 
 class ProbeGRPOTrainer(HDPiSSAGRPOTrainer):
-    """The same probe for TRL's GRPOTrainer tests (``.../peer_trl_ext/run.sh --module grpo``)."""
+    """The same probe for TRL's GRPOTrainer tests (``tools/peer_trl_ext/run.sh --module grpo``)."""
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
