@@ -108,7 +108,8 @@ def plan(study: dict, labels: list[str] | None = None, seeds: list[int] | None =
 
 # ------------------------------------------------------------------------------------------------------ tiny runs
 def tiny_worker(cfg: dict) -> None:
-    """One process of a K-process launch: every run of ``cfg["runs"]`` in order; rank 0 writes one JSON per run."""
+    """One process of a K-process launch: every run of ``cfg["runs"]`` in order; rank 0 writes one JSON per run.
+    The entry point (``main``) then ends the process with ``end_worker``, which also tears the process group down."""
     import torch
     import torch.distributed as dist
 
@@ -148,8 +149,6 @@ def tiny_worker(cfg: dict) -> None:
             write_run(cfg["out_dir"], run["id"], record)
             print(f"[sweep] {run['id']}: held-out {rec['final']['eval_loss']:.4f} "
                   f"({rec['train_seconds']:.1f}s train)", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def _launch_with_progress(script_args: list[str], nproc: int, out_dir: str, expected: list[str], desc: str) -> None:
@@ -629,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         with open(args.worker, encoding="utf-8") as f:
             tiny_worker(json.load(f))
-        end_worker()  # a torchrun child ends here
+        end_worker()  # a torchrun child ends here: barrier, destroy the process group, exit
     elif args.command == "run":
         run_main(args)
     elif args.command == "summary":

@@ -182,10 +182,8 @@ def main() -> None:
             runs[first][0].save_pretrained(args.merged_dir, state_dict=state, max_shard_size="40KB")
         dist.barrier()
     torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    end_worker()  # a torchrun child ends here
+    end_worker()  # a torchrun child ends here: barrier, destroy the process group, exit

@@ -56,10 +56,8 @@ def main() -> None:
     record["W"] = {n: lyr.weight.detach().clone() for n, lyr in zip(engine.names, engine.layers)}
     record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(engine.names, engine.layers)}
     torch.save(record, os.path.join(args.out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    end_worker()  # a torchrun child ends here
+    end_worker()  # a torchrun child ends here: barrier, destroy the process group, exit
