@@ -42,4 +42,4 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check hdpissa_trl tests recipes evaluation bench
+	$(VENV)/bin/ruff check hdpissa_trl tests recipes evaluation bench tools

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import HDPiSSAConfig
 from .consistency import WeightMismatchError, weight_checksums
+from .distributed import shutdown_distributed
 from .fold import FoldStats, fold_deltas
 from .init import distributed_init_factors, top_singular_factors
 from .layer import HDPiSSALinear
@@ -70,6 +71,7 @@ __all__ = [
     "load_sharded_checkpoint",
     "save_sharded_checkpoint",
     "shard_model",
+    "shutdown_distributed",
     "stochastic_round_to_bf16",
     "top_singular_factors",
     "weight_checksums",

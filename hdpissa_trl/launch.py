@@ -59,8 +59,11 @@ def end_worker() -> NoReturn:
 
     Why not a normal return: once in a while (seen once in CI, after every result file had been written) gloo's C++
     threads abort a process while the interpreter is being finalised ("terminate called without an active
-    exception"), and torchrun then fails the whole launch. ``os._exit`` skips that teardown; what the worker wrote is
-    on disk by then (its files are closed), and only this process's exit status is decided here.
+    exception"), and torchrun then fails the whole launch: a worker thread still releasing a finished collective's
+    Python tensors needs the GIL while the interpreter goes away (the same race that can hang a run whose DDP module
+    outlives the group, see :func:`hdpissa_trl.distributed.shutdown_distributed`). ``os._exit`` skips that teardown;
+    what the worker wrote is on disk by then (its files are closed), and only this process's exit status is decided
+    here.
     """
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ from trl import ScriptArguments
 
 from .config import HDPiSSAConfig
 from .data import dataset_label
+from .distributed import shutdown_distributed
 from .trainer import METHODS
 
 logger = logging.getLogger(__name__)
@@ -298,6 +299,8 @@ def finish_run(trainer, script_args, training_args, model_args, dataset_args, gg
         + (f"Metrics:      {os.path.join(out, 'eval_results.json')}\n" if script_args.eval_tasks else "")
         + f"Train state:  {os.path.join(out, 'trainer_state.json')}"
     )
-    # accelerate's own end of a script: trackers finished, process group destroyed before the interpreter exits (PyTorch
-    # asks for it; gloo's threads can abort a process that exits with the group still up).
+    # The process group is destroyed before the interpreter exits (PyTorch asks for it; gloo's threads can abort a
+    # process that exits with the group still up), after the DDP reducers of the baselines: see shutdown_distributed.
+    # accelerate's end_training then finishes the trackers (its own destroy finds no group left).
+    shutdown_distributed(trainer)
     trainer.accelerator.end_training()

@@ -15,7 +15,6 @@ Loaded by run.sh with `-p peer_trl_plugin`. It
 
 import importlib
 import os
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 

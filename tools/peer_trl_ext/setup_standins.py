@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,9 +43,8 @@ HUB_DIR = HF_HOME / "hub"
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
-
 import trl  # noqa: E402
+from transformers import AutoTokenizer, GenerationConfig  # noqa: E402
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 _load_base_tokenizer = AutoTokenizer.from_pretrained  # bound before any patching
