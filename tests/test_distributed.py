@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from hdpissa_trl.distributed import shutdown_distributed
 
-faulthandler.dump_traceback_later(90, exit=True)
 store_dir, iterations = sys.argv[1], int(sys.argv[2])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 for i in range(iterations):
+    faulthandler.dump_traceback_later(60, exit=True)  # re-armed each cycle (a new call replaces the last timer)
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store_{i}", rank=rank, world_size=world)
     torch.manual_seed(0)
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
