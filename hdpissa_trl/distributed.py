@@ -75,8 +75,8 @@ def shutdown_distributed(*owners: Any) -> None:
     process group too. When it is the last holder (the trainer goes out of scope after the group was destroyed), the
     group's destructor runs with the GIL held and joins gloo's worker threads, while a worker that is still freeing a
     finished all-gather waits for the GIL to release that collective's Python tensors: both wait forever. Seen in CI
-    at the end of a 2-process LoRA-baseline recipe launch, reproduced here in 2 of 65 such launches (and within ten
-    tries by ``tests/test_distributed.py``'s stress loop without this order). torch releases the GIL only when the
+    at the end of a 2-process LoRA-baseline recipe launch, reproduced here in 2 of 65 such launches (and within 18
+    cycles by ``tests/test_distributed.py``'s stress loop without this order). torch releases the GIL only when the
     last holder is the Python ``ProcessGroup`` object, so the reducers go first, while torch's registry still holds
     the group, and the group is destroyed after them.
     """

@@ -13,7 +13,7 @@ from hdpissa_trl.distributed import is_distributed, shutdown_distributed, world_
 
 # Each iteration starts a fresh 2-process gloo group (a file store per iteration), trains one DDP step, all-gathers
 # Python-owned tensors, waits at a barrier and ends through shutdown_distributed, then drops the DDP module. With the
-# plain order (destroy_process_group(), then the DDP module freed) this loop hung within ten iterations in each of 4
+# plain order (destroy_process_group(), then the DDP module freed) this loop hung within 18 iterations in each of 4
 # tries here: the Reducer's release ran gloo's destructor with the GIL held while a worker thread waited for the GIL.
 # faulthandler turns a hang into a failing exit with every thread's stack instead of a long torchrun timeout.
 STRESS_WORKER = '''
