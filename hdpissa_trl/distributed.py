@@ -86,6 +86,6 @@ def shutdown_distributed(*owners: Any) -> None:
         # DDP keeps its Reducer in these two attributes (``logger`` wraps the same Reducer); nothing else owns it.
         for name in ("reducer", "logger"):
             ddp.__dict__.pop(name, None)
-    world = dist.group.WORLD  # the Python holder: its release runs gloo's destructor with the GIL released
+    # torch's registry now holds the last references: the Python ProcessGroup objects, whose release (inside
+    # destroy_process_group) runs gloo's destructor with the GIL released.
     dist.destroy_process_group()
-    del world

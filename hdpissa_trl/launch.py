@@ -67,9 +67,11 @@ def end_worker() -> NoReturn:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from .distributed import is_distributed, shutdown_distributed
+
+    if is_distributed():
         dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
