@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hdpissa_trl.distributed import world_and_rank
+from hdpissa_trl.engine.distributed import world_and_rank
 from hdpissa_trl.launch import REPO_ROOT, child_env, end_worker, torchrun
 
 FIGURES_DIR = os.path.join(REPO_ROOT, "bench", "figures")

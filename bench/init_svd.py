@@ -1,8 +1,8 @@
 """Init: exact fp32 SVD vs randomized SVD (``torch.svd_lowrank``, n_iter 2 and 4) for the top K·r directions.
 
-Both run through the engine's own :func:`hdpissa_trl.init.top_singular_factors` (randomized uses ``q = K·r + 8``);
-one more row, ``q=2k``, calls ``torch.svd_lowrank`` with twice the subspace (not an engine setting) to show what more
-oversampling buys.
+Both run through the engine's own :func:`hdpissa_trl.engine.init.top_singular_factors` (randomized uses
+``q = K·r + 8``); one more row, ``q=2k``, calls ``torch.svd_lowrank`` with twice the subspace (not an engine setting)
+to show what more oversampling buys.
 Test matrices are ``W = U diag(σ) Vᵀ`` with random orthogonal ``U, V`` and a power-law spectrum ``σ_i = i^(−α)``
 (trained weights decay slowly; α = 0.5 by default, 1.0 as a faster-decaying contrast), so the true top-k singular
 subspaces are known exactly. Timings are interleaved (rotating order) and repeated; medians reported.
@@ -34,7 +34,7 @@ from bench._common import (
     save_figure,
     write_json,
 )
-from hdpissa_trl.init import top_singular_factors
+from hdpissa_trl.engine.init import top_singular_factors
 
 # label -> (init_method, n_iter, oversampling q). q=None is the engine's own choice (K·r + 8).
 METHODS = {"exact": ("svd", 0, None), "rand n_iter=2": ("randomized", 2, None),

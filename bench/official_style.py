@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from hdpissa_trl.distributed import world_and_rank
+from hdpissa_trl.engine.distributed import world_and_rank
 
 TINY = 1e-16
 
@@ -113,8 +113,8 @@ def inject_official_style(model: nn.Module, r: int, lora_alpha: float, rank: int
     Initial factors come from the same SVD as the engine (factored on one rank and broadcast), so both start equal.
     """
     from hdpissa_trl import HDPiSSAConfig
-    from hdpissa_trl.init import distributed_init_factors
-    from hdpissa_trl.model import _set_submodule, find_target_modules
+    from hdpissa_trl.engine.init import distributed_init_factors
+    from hdpissa_trl.engine.model import _set_submodule, find_target_modules
 
     cfg = HDPiSSAConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules)
     targets = find_target_modules(model, cfg)

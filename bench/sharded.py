@@ -122,7 +122,7 @@ def build_model(cfg: dict, sharded: bool, mesh):
     """The Llama-style model of ``cfg["shape"]``: whole on this rank, or row-sharded without ever being whole."""
     from transformers import AutoModelForCausalLM
 
-    from hdpissa_trl.sharded import shard_model
+    from hdpissa_trl.engine.sharded import shard_model
     from hdpissa_trl.testing_utils import tiny_config
 
     config = tiny_config("llama", **cfg["shape"])

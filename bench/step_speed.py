@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from bench import _common as common
-from hdpissa_trl.distributed import world_and_rank
+from hdpissa_trl.engine.distributed import world_and_rank
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -13,14 +13,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import HDPiSSAConfig
-from .consistency import WeightMismatchError, weight_checksums
-from .distributed import shutdown_distributed
-from .fold import FoldStats, fold_deltas
-from .init import distributed_init_factors, top_singular_factors
-from .layer import HDPiSSALinear
-from .model import HDPiSSAEngine, find_target_modules, inject_hdpissa
-from .precision import WeightUpdater, stochastic_round_to_bf16
+from .engine import (
+    FoldStats,
+    HDPiSSAConfig,
+    HDPiSSAEngine,
+    HDPiSSALinear,
+    ShardedHDPiSSAEngine,
+    WeightMismatchError,
+    WeightUpdater,
+    distributed_init_factors,
+    find_target_modules,
+    fold_deltas,
+    inject_hdpissa,
+    shard_model,
+    shutdown_distributed,
+    stochastic_round_to_bf16,
+    top_singular_factors,
+    weight_checksums,
+)
 
 __version__ = "0.1.0"
 
@@ -34,8 +44,6 @@ _LAZY = {
     "HDPiSSADPOTrainer": "dpo",
     "HDPiSSAGRPOTrainer": "grpo",
     "HDPiSSATrainer": "plain_trainer",
-    "ShardedHDPiSSAEngine": "sharded",
-    "shard_model": "sharded",
     "load_sharded_checkpoint": "sharded_checkpoint",
     "save_sharded_checkpoint": "sharded_checkpoint",
 }
@@ -45,7 +53,6 @@ if TYPE_CHECKING:
     from .dpo import HDPiSSADPOTrainer
     from .grpo import HDPiSSAGRPOTrainer
     from .plain_trainer import HDPiSSATrainer
-    from .sharded import ShardedHDPiSSAEngine, shard_model
     from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
     from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config
 

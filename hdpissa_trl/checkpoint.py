@@ -25,8 +25,8 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from .layer import plain_key
-from .model import HDPiSSAEngine
+from .engine.layer import plain_key
+from .engine.model import HDPiSSAEngine
 
 HDPISSA_STATE_NAME = "hdpissa_state.safetensors"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -218,7 +218,7 @@ class CheckpointMixin:
     def hdpissa_sharded(self) -> bool:
         """W sharded by rows (FSDP2): checkpoints go through torch.distributed.checkpoint
         (:mod:`hdpissa_trl.sharded_checkpoint`), one file per rank, and W is never gathered into them."""
-        from .sharded import ShardedHDPiSSAEngine
+        from .engine.sharded import ShardedHDPiSSAEngine
 
         return isinstance(self.hdpissa_engine, ShardedHDPiSSAEngine)
 

@@ -225,7 +225,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_written(out: Path) -> None:
     """``save_pretrained`` silently writes nothing on a process whose torch.distributed rank is not 0: catch that."""
     if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors*")):
-        from .distributed import world_and_rank
+        from .engine.distributed import world_and_rank
 
         rank = world_and_rank()[1]
         raise RuntimeError(f"Conversion wrote no weights to {out} (torch.distributed rank {rank}: transformers only "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from .layer import plain_key
+from .engine.layer import plain_key
 from .reference import (
     ReferenceTrainerMixin,
     add_reference_adapter,

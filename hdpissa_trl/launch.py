@@ -61,13 +61,13 @@ def end_worker() -> NoReturn:
     threads abort a process while the interpreter is being finalised ("terminate called without an active
     exception"), and torchrun then fails the whole launch: a worker thread still releasing a finished collective's
     Python tensors needs the GIL while the interpreter goes away (the same race that can hang a run whose DDP module
-    outlives the group, see :func:`hdpissa_trl.distributed.shutdown_distributed`). ``os._exit`` skips that teardown;
-    what the worker wrote is on disk by then (its files are closed), and only this process's exit status is decided
-    here.
+    outlives the group, see :func:`hdpissa_trl.engine.distributed.shutdown_distributed`). ``os._exit`` skips that
+    teardown; what the worker wrote is on disk by then (its files are closed), and only this process's exit status is
+    decided here.
     """
     import torch.distributed as dist
 
-    from .distributed import is_distributed, shutdown_distributed
+    from .engine.distributed import is_distributed, shutdown_distributed
 
     if is_distributed():
         dist.barrier()

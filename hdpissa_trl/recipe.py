@@ -19,9 +19,9 @@ from typing import Any
 
 from trl import ScriptArguments
 
-from .config import HDPiSSAConfig
 from .data import dataset_label
-from .distributed import shutdown_distributed
+from .engine.config import HDPiSSAConfig
+from .engine.distributed import shutdown_distributed
 from .trainer import METHODS
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
 """Old home of the fold and the consistency check, kept so that ``from hdpissa_trl.sync import ...`` still works.
 
-The fold (gather + fold) lives in :mod:`hdpissa_trl.fold`, the checksums and re-sync in
-:mod:`hdpissa_trl.consistency`, the ``torch.distributed`` helpers in :mod:`hdpissa_trl.distributed`.
+The fold (gather + fold) lives in :mod:`hdpissa_trl.engine.fold`, the checksums and re-sync in
+:mod:`hdpissa_trl.engine.consistency`, the ``torch.distributed`` helpers in :mod:`hdpissa_trl.engine.distributed`.
 """
 
-from .consistency import WeightMismatchError, check_weights_consistent, weight_checksums
-from .distributed import CollectiveError, collective_errors
-from .fold import (
+from .engine.consistency import WeightMismatchError, check_weights_consistent, weight_checksums
+from .engine.distributed import CollectiveError, collective_errors
+from .engine.fold import (
     FoldStats,
     fold_deltas,
     fold_layer,

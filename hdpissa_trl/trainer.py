@@ -31,11 +31,12 @@ from trl import SFTTrainer
 
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
-from .config import HDPiSSAConfig
-from .distributed import is_distributed
-from .fold import FoldStats
+from .engine.config import HDPiSSAConfig
+from .engine.distributed import is_distributed
+from .engine.fold import FoldStats
+from .engine.inject import inject_hdpissa
+from .engine.model import find_target_modules
 from .fsdp import requested_fsdp_plugin, shard_like_accelerate
-from .model import find_target_modules, inject_hdpissa
 from .parallel import check_parallelism
 
 METHODS = ("hdpissa", "pissa", "lora", "full")

@@ -1,4 +1,4 @@
-"""Cross-device consistency of W (hdpissa_trl/consistency.py): the checksum against a slow reference, its memory
+"""Cross-device consistency of W (hdpissa_trl/engine/consistency.py): the checksum against a slow reference, its memory
 bound, and the mismatch check / re-sync in real 2-process gloo runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from _dist import child_env, torchrun
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
-from hdpissa_trl.consistency import CHECKSUM_CHUNK, tensor_checksum, weight_checksums
+from hdpissa_trl.engine.consistency import CHECKSUM_CHUNK, tensor_checksum, weight_checksums
 from hdpissa_trl.testing_utils import build_tiny_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "engine_worker.py")
@@ -67,7 +67,7 @@ def test_weight_checksums_cover_w_and_precision_state_chunked_or_not():
 
 PEAK_RSS_PROBE = """
 import json, torch
-from hdpissa_trl.consistency import tensor_checksum
+from hdpissa_trl.engine.consistency import tensor_checksum
 
 def growth(fn):
     with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS

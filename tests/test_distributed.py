@@ -1,4 +1,4 @@
-"""hdpissa_trl.distributed: the end of a run (shutdown_distributed) and the plumbing around it."""
+"""hdpissa_trl.engine.distributed: the end of a run (shutdown_distributed) and the plumbing around it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from _dist import torchrun
 
-from hdpissa_trl.distributed import is_distributed, shutdown_distributed, world_and_rank
+from hdpissa_trl.engine.distributed import is_distributed, shutdown_distributed, world_and_rank
 
 # Each iteration starts a fresh 2-process gloo group (a file store per iteration), trains one DDP step, all-gathers
 # Python-owned tensors, waits at a barrier and ends through shutdown_distributed, then drops the DDP module. With the
@@ -20,7 +20,7 @@ STRESS_WORKER = '''
 import faulthandler, os, sys
 import torch
 import torch.distributed as dist
-from hdpissa_trl.distributed import shutdown_distributed
+from hdpissa_trl.engine.distributed import shutdown_distributed
 
 store_dir, iterations = sys.argv[1], int(sys.argv[2])
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -1,4 +1,4 @@
-"""The fold (hdpissa_trl/fold.py): real multi-process runs (torchrun, gloo, 1/2/4 CPU processes) against a slow
+"""The fold (hdpissa_trl/engine/fold.py): real multi-process runs (torchrun, gloo, 1/2/4 CPU processes) against a slow
 reference written here, and its timing on CPU and GPU."""
 
 from __future__ import annotations
@@ -185,9 +185,9 @@ def test_fp32_fold_is_in_place_and_equals_the_delta_form():
 def test_fold_on_gpu_times_device_work_not_kernel_launches():
     import time
 
-    from hdpissa_trl.fold import Stopwatch, fold_deltas
-    from hdpissa_trl.layer import HDPiSSALinear
-    from hdpissa_trl.precision import WeightUpdater
+    from hdpissa_trl.engine.fold import Stopwatch, fold_deltas
+    from hdpissa_trl.engine.layer import HDPiSSALinear
+    from hdpissa_trl.engine.precision import WeightUpdater
 
     dev = torch.device("cuda")
     # The stopwatch itself: ~0.2 s of GPU spinning, queued in microseconds.

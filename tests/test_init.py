@@ -2,7 +2,7 @@
 
 import torch
 
-from hdpissa_trl.init import distributed_init_factors, top_singular_factors
+from hdpissa_trl.engine.init import distributed_init_factors, top_singular_factors
 
 
 def test_factors_reconstruct_top_k_and_slices_orthogonal():

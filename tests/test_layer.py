@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hdpissa_trl.layer import HDPiSSALinear
+from hdpissa_trl.engine.layer import HDPiSSALinear
 
 
 def make_layer(m=12, n=10, r=2, K=3, rank=1, scale=1.5, bias=True, dropout=0.0):

@@ -81,7 +81,7 @@ def test_k_times_r_too_large_fits_rank_per_layer_with_one_warning(tok, caplog):
     """hidden 64, k/v out 32: with K=4, r=10 the k/v projections get the largest r with K·r <= 32 (8), every other
     layer r=10; their scale follows PEFT (lora_alpha / r of the layer). One warning names the fitted layers."""
     m = build_tiny_model("llama", tokenizer=tok)
-    with caplog.at_level("WARNING", logger="hdpissa_trl.model"):
+    with caplog.at_level("WARNING", logger="hdpissa_trl.engine.model"):
         e = inject_hdpissa(m, HDPiSSAConfig(r=10, lora_alpha=20), rank=0, world_size=4, show_progress=False)
     ranks = {n: lyr.r for n, lyr in zip(e.names, e.layers)}
     assert ranks == {n: 8 if n.endswith(("k_proj", "v_proj")) else 10 for n in e.names}
@@ -93,7 +93,7 @@ def test_k_times_r_too_large_fits_rank_per_layer_with_one_warning(tok, caplog):
     assert "v_proj ×2 r=8" in warnings[0] and "strict_rank=True" in warnings[0]
     # A layer with min(out, in) < K can hold no slice: it gets no adapter (named), the others still do.
     caplog.clear()
-    with caplog.at_level("WARNING", logger="hdpissa_trl.model"):
+    with caplog.at_level("WARNING", logger="hdpissa_trl.engine.model"):
         e = inject_hdpissa(build_tiny_model("llama", tokenizer=tok), HDPiSSAConfig(r=1), rank=0, world_size=40,
                            show_progress=False)
     assert not any(n.endswith(("k_proj", "v_proj")) for n in e.names) and len(e.names) == 10

@@ -37,8 +37,8 @@ def test_refusals_name_the_setting_and_the_alternative(monkeypatch, kw, env, mat
 
 
 def test_fsdp2_is_accepted(monkeypatch):
-    """FSDP2 shards W by rows (hdpissa_trl.sharded): requested through the training arguments (transformers' default
-    version is 2) or an accelerate launch config with fsdp_version 2, it passes the check."""
+    """FSDP2 shards W by rows (hdpissa_trl.engine.sharded): requested through the training arguments (transformers'
+    default version is 2) or an accelerate launch config with fsdp_version 2, it passes the check."""
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
         monkeypatch.delenv(var, raising=False)
     check_parallelism(args(fsdp=True))

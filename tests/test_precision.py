@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hdpissa_trl.precision import WeightUpdater, stochastic_round_to_bf16
+from hdpissa_trl.engine.precision import WeightUpdater, stochastic_round_to_bf16
 
 
 def run_mode(mode: str, steps: int = 200):

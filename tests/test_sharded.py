@@ -17,7 +17,7 @@ from _dist import torchrun
 from test_fold import reference_run
 from workers.sharded_worker import make_model
 
-from hdpissa_trl.sharded import shard_rows
+from hdpissa_trl.engine.sharded import shard_rows
 from hdpissa_trl.sharded_checkpoint import COMPLETE_MARKER, load_sharded_checkpoint
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "sharded_worker.py")
@@ -209,14 +209,14 @@ def test_shard_rows_follow_fsdp2_layout():
 
 
 def test_layer_names_do_not_depend_on_activation_checkpointing_or_compile():
-    from hdpissa_trl.sharded import canonical_name
+    from hdpissa_trl.engine.sharded import canonical_name
 
     assert canonical_name("model.layers.0._checkpoint_wrapped_module.mlp.up_proj") == "model.layers.0.mlp.up_proj"
     assert canonical_name("_orig_mod.model.layers.1.self_attn.q_proj") == "model.layers.1.self_attn.q_proj"
 
 
 def test_init_rounds_give_each_rank_at_most_one_layer():
-    from hdpissa_trl.sharded import _rounds
+    from hdpissa_trl.engine.sharded import _rounds
 
     assert _rounds([0, 1, 2, 0, 1, 2, 0]) == [[0, 1, 2], [3, 4, 5], [6]]
     assert _rounds([0, 0, 0]) == [[0], [1], [2]]  # shard_init=False: rank 0 factors one layer at a time

@@ -225,7 +225,7 @@ def test_recipe_flags_reach_the_config():
 def test_schedules_are_refused_with_w_sharded_by_rows():
     """The sharded engine folds row shards only; the schedules are built for the replicated engine: a clear error
     before any weight is touched."""
-    from hdpissa_trl.sharded import ShardedHDPiSSAEngine
+    from hdpissa_trl.engine.sharded import ShardedHDPiSSAEngine
 
     model = build_tiny_model("llama", seed=0, num_layers=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

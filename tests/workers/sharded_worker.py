@@ -16,8 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
+from hdpissa_trl.engine.sharded import shard_model
 from hdpissa_trl.launch import end_worker
-from hdpissa_trl.sharded import shard_model
 from hdpissa_trl.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from hdpissa_trl.testing_utils import build_tiny_model
 

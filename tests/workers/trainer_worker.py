@@ -174,7 +174,7 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
 
         eng.layers[-1].lora_A.register_hook(hook)
     elif kind == "fold":
-        import hdpissa_trl.fold as fold_module
+        import hdpissa_trl.engine.fold as fold_module
 
         original, calls = fold_module.fold_layer, []
 

@@ -423,8 +423,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
     def check_consistency(self, step: int | None = None, on_mismatch: str | None = None) -> list[str]:
         """Compare the replicated state (``A0_all``) across ranks; ``W`` rows have one owner each, nothing to compare.
 
-        A mismatch raises :class:`~hdpissa_trl.sync.WeightMismatchError` naming the layer (``"raise"``) or copies
-        rank 0's ``A0_all`` (``"resync"``).
+        A mismatch raises :class:`~hdpissa_trl.engine.consistency.WeightMismatchError` naming the layer
+        (``"raise"``) or copies rank 0's ``A0_all`` (``"resync"``).
         """
         step = self.step if step is None else step
         on_mismatch = on_mismatch or self.config.on_sync_mismatch

@@ -9,8 +9,8 @@ every device, each layer folds
 
 as ONE GEMM of inner dimension ``2·K·r`` (the delta form avoids the cancellation of ``BA − B0A0``), and resets
 ``A ← A0``, ``B ← B0``. How ``W`` absorbs the product (fp32 master, Kahan, stochastic rounding) is the
-:class:`~hdpissa_trl.precision.WeightUpdater`'s business. Same inputs in the same order on every device give the same
-bits of ``W``; :mod:`hdpissa_trl.consistency` checks that they do.
+:class:`~hdpissa_trl.engine.precision.WeightUpdater`'s business. Same inputs in the same order on every device give
+the same bits of ``W``; :mod:`hdpissa_trl.engine.consistency` checks that they do.
 """
 
 from __future__ import annotations

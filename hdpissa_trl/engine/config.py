@@ -46,7 +46,7 @@ class HDPiSSAConfig:
             sync_check_steps: compare a checksum of ``W`` across devices every N folds (0 disables).
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
-        Subspace schedule (:mod:`hdpissa_trl.subspace`):
+        Subspace schedule (:mod:`hdpissa_trl.engine.subspace`):
             subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"`` or experimental ``"moving"``.
             subspace_steps: folds between two changes of the factors (rotate, refactor).
             rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.

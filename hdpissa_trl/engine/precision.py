@@ -77,7 +77,7 @@ class WeightUpdater:
     def __init__(self, weight: torch.Tensor, mode: str, seed: int = 0, layer_index: int = 0):
         if weight.dtype not in SUPPORTED_DTYPES.get(mode, ()):
             raise ValueError(f"precision={mode!r} cannot update a {weight.dtype} weight (layer {layer_index}); "
-                             f"see hdpissa_trl.precision.SUPPORTED_DTYPES for the modes each dtype takes.")
+                             f"see hdpissa_trl.engine.precision.SUPPORTED_DTYPES for the modes each dtype takes.")
         self.mode = mode
         self.seed = seed
         self.layer_index = layer_index

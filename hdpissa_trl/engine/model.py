@@ -326,21 +326,3 @@ def _check_factor_convention(meta: dict) -> None:
         f"model.safetensors holds the trained W). Checkpoints made with lora_alpha = r are not affected."
     )
 
-
-def inject_hdpissa(model: nn.Module, config: HDPiSSAConfig, rank: int | None = None, world_size: int | None = None,
-                   group=None, show_progress: bool = True) -> HDPiSSAEngine:
-    """Turn ``model`` into an HD-PiSSA model for device ``rank`` of ``world_size`` (in place); returns the engine.
-
-    The engine is also attached as ``model.hdpissa_engine``. A model already sharded with FSDP2 (DTensor weights,
-    ``fully_shard``) gets the :class:`~hdpissa_trl.sharded.ShardedHDPiSSAEngine`: each rank folds only its rows of W.
-    """
-    from torch.distributed.tensor import DTensor
-
-    engine_cls = HDPiSSAEngine
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from .sharded import ShardedHDPiSSAEngine
-
-        engine_cls = ShardedHDPiSSAEngine
-    engine = engine_cls(model, config, rank, world_size, group, show_progress)
-    model.hdpissa_engine = engine  # type: ignore[attr-defined]
-    return engine
