@@ -305,7 +305,7 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     if name in ("lora", "pissa"):
         from peft import get_peft_model
 
-        from hdpissa_trl.trainer import build_peft_config  # the trainer's own baselines: same layers, same init
+        from hdpissa_trl.trainer.mixin import build_peft_config  # the trainer's own baselines: same layers, same init
 
         inner = get_peft_model(model, build_peft_config(name, cfg))
     elif name == "full":

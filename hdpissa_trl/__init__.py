@@ -1,11 +1,16 @@
 """hdpissa_trl: HD-PiSSA (High-rank Distributed PiSSA) for Hugging Face TRL.
 
-Engine (no ``transformers.Trainer`` inside, importable without ``trl``): :class:`HDPiSSAConfig`,
-:func:`inject_hdpissa` / :class:`HDPiSSAEngine`, :class:`HDPiSSALinear`, :func:`fold_deltas`. Trainer (imported on
-first use, it needs ``trl``): :class:`HDPiSSASFTTrainer`, :class:`HDPiSSADPOTrainer`, :class:`HDPiSSAGRPOTrainer`,
-:class:`HDPiSSATrainer` (plain ``transformers.Trainer``) and the reusable :class:`HDPiSSATrainerMixin`. W sharded
-by rows with FSDP2: :func:`shard_model`, then :func:`inject_hdpissa` gives a :class:`ShardedHDPiSSAEngine`;
-:func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` (``docs/parallelism.md``).
+Three layers, each importing only the ones before it (``docs/layout.md``):
+
+* :mod:`hdpissa_trl.engine`: the method (no ``transformers.Trainer`` inside, importable without ``trl``):
+  :class:`HDPiSSAConfig`, :func:`inject_hdpissa` / :class:`HDPiSSAEngine`, :class:`HDPiSSALinear`,
+  :func:`fold_deltas`; W sharded by rows with FSDP2: :func:`shard_model`, then :func:`inject_hdpissa` gives a
+  :class:`ShardedHDPiSSAEngine`.
+* :mod:`hdpissa_trl.trainer`: the TRL / transformers integration (imported on first use):
+  :class:`HDPiSSASFTTrainer`, :class:`HDPiSSADPOTrainer`, :class:`HDPiSSAGRPOTrainer`, :class:`HDPiSSATrainer`
+  (plain ``transformers.Trainer``) and the reusable :class:`HDPiSSATrainerMixin`; checkpoints, including
+  :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` (``docs/parallelism.md``).
+* :mod:`hdpissa_trl.scripts`: what the recipe scripts need beyond TRL (arguments, run steps, data mixtures, GGUF).
 """
 
 from __future__ import annotations
@@ -34,27 +39,29 @@ from .engine import (
 
 __version__ = "0.1.0"
 
-# Public names whose module imports trl (or torch.distributed's DTensor / checkpoint machinery, for W sharded by
-# rows): loaded on first attribute access (PEP 562), so engine-only use stays light.
+# Public names of the trainer package (it imports transformers' Trainer, and trl for TRL's trainers; the sharded
+# checkpoints import torch.distributed.checkpoint): loaded on first attribute access (PEP 562), so engine-only use
+# stays light.
 _LAZY = {
-    "HDPiSSASFTTrainer": "trainer",
-    "HDPiSSATrainerMixin": "trainer",
-    "build_peft_config": "trainer",
-    "load_hdpissa_checkpoint": "checkpoint",
-    "HDPiSSADPOTrainer": "dpo",
-    "HDPiSSAGRPOTrainer": "grpo",
-    "HDPiSSATrainer": "plain_trainer",
-    "load_sharded_checkpoint": "sharded_checkpoint",
-    "save_sharded_checkpoint": "sharded_checkpoint",
+    "HDPiSSASFTTrainer": "trainer.sft_trainer",
+    "HDPiSSATrainerMixin": "trainer.mixin",
+    "build_peft_config": "trainer.mixin",
+    "load_hdpissa_checkpoint": "trainer.checkpoint",
+    "HDPiSSADPOTrainer": "trainer.dpo_trainer",
+    "HDPiSSAGRPOTrainer": "trainer.grpo_trainer",
+    "HDPiSSATrainer": "trainer.plain_trainer",
+    "load_sharded_checkpoint": "trainer.sharded_checkpoint",
+    "save_sharded_checkpoint": "trainer.sharded_checkpoint",
 }
 
 if TYPE_CHECKING:
-    from .checkpoint import load_hdpissa_checkpoint
-    from .dpo import HDPiSSADPOTrainer
-    from .grpo import HDPiSSAGRPOTrainer
-    from .plain_trainer import HDPiSSATrainer
-    from .sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-    from .trainer import HDPiSSASFTTrainer, HDPiSSATrainerMixin, build_peft_config
+    from .trainer.checkpoint import load_hdpissa_checkpoint
+    from .trainer.dpo_trainer import HDPiSSADPOTrainer
+    from .trainer.grpo_trainer import HDPiSSAGRPOTrainer
+    from .trainer.mixin import HDPiSSATrainerMixin, build_peft_config
+    from .trainer.plain_trainer import HDPiSSATrainer
+    from .trainer.sft_trainer import HDPiSSASFTTrainer
+    from .trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 __all__ = [
     "FoldStats",

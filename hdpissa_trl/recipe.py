@@ -22,7 +22,7 @@ from trl import ScriptArguments
 from .data import dataset_label
 from .engine.config import HDPiSSAConfig
 from .engine.distributed import shutdown_distributed
-from .trainer import METHODS
+from .trainer.mixin import METHODS
 
 logger = logging.getLogger(__name__)
 

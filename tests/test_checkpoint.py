@@ -1,4 +1,4 @@
-"""hdpissa_trl/checkpoint.py alone: writing, publishing and reading a checkpoint of an engine (single process).
+"""hdpissa_trl/trainer/checkpoint.py alone: writing, publishing and reading a checkpoint of an engine (single process).
 
 The trainer-level behaviour (atomic saves under `accelerate launch`, SIGKILL + resume, corrupt files) is tested in
 test_reliability*.py and test_trainer.py; here each function is checked against what it must produce.
@@ -17,7 +17,8 @@ import torch
 from _dist import child_env, free_port
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
-from hdpissa_trl.checkpoint import (
+from hdpissa_trl.testing_utils import build_tiny_model
+from hdpissa_trl.trainer.checkpoint import (
     COMPLETE_MARKER,
     HDPISSA_STATE_NAME,
     load_hdpissa_checkpoint,
@@ -28,7 +29,6 @@ from hdpissa_trl.checkpoint import (
     save_engine_state,
     save_optimizer_state,
 )
-from hdpissa_trl.testing_utils import build_tiny_model
 
 
 def make_engine(model_seed: int = 0, **config):

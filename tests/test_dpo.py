@@ -195,7 +195,7 @@ def test_sharded_w_is_refused_for_dpo_and_grpo(monkeypatch):
     """FSDP2 (W sharded by rows) has not run with a DPO/GRPO reference or generation: refused, naming what works."""
     from types import SimpleNamespace
 
-    from hdpissa_trl.checks import refuse_sharded_w
+    from hdpissa_trl.trainer.checks import refuse_sharded_w
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None), mixed_precision="no")

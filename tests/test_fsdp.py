@@ -191,7 +191,7 @@ def _accelerator(mixed_precision: str = "no"):
 def test_fsdp_settings_come_from_the_launch_environment_or_the_training_arguments(monkeypatch):
     from types import SimpleNamespace
 
-    from hdpissa_trl.fsdp import requested_fsdp_plugin
+    from hdpissa_trl.trainer.fsdp import requested_fsdp_plugin
 
     no_fsdp = SimpleNamespace(fsdp_plugin_args=None)
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
@@ -214,7 +214,7 @@ def test_fsdp1_and_cpu_offload_are_refused():
 
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from hdpissa_trl.fsdp import requested_fsdp_plugin, shard_like_accelerate
+    from hdpissa_trl.trainer.fsdp import requested_fsdp_plugin, shard_like_accelerate
 
     with pytest.raises(ValueError, match="needs FSDP2.*fsdp_version=1.*fsdp_version: 2"):
         requested_fsdp_plugin(SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1}), _accelerator())
@@ -226,7 +226,7 @@ def test_fsdp1_and_cpu_offload_are_refused():
 def test_deepspeed_is_refused_and_zero3_points_to_fsdp2(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from hdpissa_trl.parallel import check_deepspeed
+    from hdpissa_trl.trainer.parallel import check_deepspeed
 
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(var, raising=False)

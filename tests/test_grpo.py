@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSAGRPOTrainer
-from hdpissa_trl.grpo import vllm_named_weights
 from hdpissa_trl.rewards import digit_reward
 from hdpissa_trl.testing_utils import save_tiny_model
+from hdpissa_trl.trainer.grpo_trainer import vllm_named_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

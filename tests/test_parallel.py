@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from trl import SFTConfig
 
-from hdpissa_trl.parallel import check_parallelism
+from hdpissa_trl.trainer.parallel import check_parallelism
 
 ARGS = dict(deepspeed=None, deepspeed_plugin=None, fsdp=False, bf16_full_eval=False, fp16_full_eval=False)
 

@@ -1,4 +1,5 @@
-"""The reference model helpers (hdpissa_trl/reference.py): the PiSSA reference adapter and the name-matched mix."""
+"""The reference model helpers (hdpissa_trl/trainer/reference.py): the PiSSA reference adapter and the name-matched
+mix."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hdpissa_trl.reference import add_reference_adapter, frozen_copy, mix_into_reference
 from hdpissa_trl.testing_utils import build_tiny_model
+from hdpissa_trl.trainer.reference import add_reference_adapter, frozen_copy, mix_into_reference
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 11]])
 

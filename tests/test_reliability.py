@@ -24,8 +24,8 @@ from _dist import child_env, free_port
 from transformers.trainer_utils import get_last_checkpoint
 
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
-from hdpissa_trl.checkpoint import COMPLETE_MARKER, HDPISSA_STATE_NAME, load_hdpissa_checkpoint
 from hdpissa_trl.testing_utils import build_tiny_model, save_tiny_model
+from hdpissa_trl.trainer.checkpoint import COMPLETE_MARKER, HDPISSA_STATE_NAME, load_hdpissa_checkpoint
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "trainer_worker.py")
 STEPS, SAVE_STEPS = 6, 2

@@ -23,9 +23,9 @@ from trl import SFTConfig
 from workers.trainer_worker import make_dataset
 
 from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer, inject_hdpissa
-from hdpissa_trl.checkpoint import COMPLETE_MARKER, HDPISSA_STATE_NAME
-from hdpissa_trl.data import DataError
 from hdpissa_trl.testing_utils import build_tiny_model, save_tiny_model
+from hdpissa_trl.trainer.checkpoint import COMPLETE_MARKER, HDPISSA_STATE_NAME
+from hdpissa_trl.trainer.data_checks import DataError
 
 
 @pytest.fixture(scope="module")

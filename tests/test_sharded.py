@@ -18,7 +18,7 @@ from test_fold import reference_run
 from workers.sharded_worker import make_model
 
 from hdpissa_trl.engine.sharded import shard_rows
-from hdpissa_trl.sharded_checkpoint import COMPLETE_MARKER, load_sharded_checkpoint
+from hdpissa_trl.trainer.sharded_checkpoint import COMPLETE_MARKER, load_sharded_checkpoint
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "sharded_worker.py")
 R, ALPHA, LR = 2, 4.0, 1e-2

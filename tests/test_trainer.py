@@ -239,7 +239,7 @@ def test_peft_config_trains_that_adapter_exactly_as_sfttrainer(tiny_model_dir, t
 
     from hdpissa_trl import HDPiSSASFTTrainer
 
-    with caplog.at_level("WARNING", logger="hdpissa_trl.trainer"):
+    with caplog.at_level("WARNING", logger="hdpissa_trl.trainer.mixin"):
         ours = HDPiSSASFTTrainer(model=tiny_model_dir, args=_sft_args(tmp_path / "ours"),
                                  train_dataset=make_dataset(16), peft_config=_lora())
     assert "HD-PiSSA is NOT used" in caplog.text and "HDPiSSAConfig.from_peft(peft_config)" in caplog.text

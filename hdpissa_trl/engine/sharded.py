@@ -344,9 +344,11 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
     """:class:`HDPiSSAEngine` for a model whose adapted weights FSDP2 has sharded by rows (see the module docstring).
 
     Build it with :func:`inject_hdpissa` AFTER ``fully_shard`` (or :func:`shard_model`): it detects the DTensor
-    weights. ``names`` are the layers' state-dict names (:func:`canonical_name`). Differences from the replicated engine: the fold updates this rank's rows only; :meth:`state_dict` holds
-    DTensors for ``torch.distributed.checkpoint`` (:mod:`hdpissa_trl.sharded_checkpoint`); :meth:`merged_state_dict`
-    gathers the full model on rank 0 only; the consistency check compares the replicated state (``A0_all``).
+    weights. ``names`` are the layers' state-dict names (:func:`canonical_name`). Differences from the replicated
+    engine: the fold updates this rank's rows only; :meth:`state_dict` holds DTensors for
+    ``torch.distributed.checkpoint`` (the trainer's :mod:`hdpissa_trl.trainer.sharded_checkpoint` writes them);
+    :meth:`merged_state_dict` gathers the full model on rank 0 only; the consistency check compares the replicated
+    state (``A0_all``).
     """
 
     layers: list[ShardedHDPiSSALinear]

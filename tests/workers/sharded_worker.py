@@ -18,8 +18,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 from hdpissa_trl.engine.sharded import shard_model
 from hdpissa_trl.launch import end_worker
-from hdpissa_trl.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from hdpissa_trl.testing_utils import build_tiny_model
+from hdpissa_trl.trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 VOCAB = 97
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

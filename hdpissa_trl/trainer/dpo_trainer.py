@@ -1,6 +1,6 @@
 """``HDPiSSADPOTrainer``: TRL's ``DPOTrainer`` training with HD-PiSSA (or a baseline, ``method=...``).
 
-What differs from ``DPOTrainer`` is only where the reference comes from (see :mod:`hdpissa_trl.reference`):
+What differs from ``DPOTrainer`` is only where the reference comes from (see :mod:`hdpissa_trl.trainer.reference`):
 
 * ``precompute_ref_log_probs=True`` (the cheap choice): TRL scores the data set with the starting model before any
   adapter exists; no second model is kept. Memory: two floats per example. Time: one forward pass over the data.
@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl import DPOTrainer
 
+from .mixin import HDPiSSATrainerMixin, _is_peft_model
 from .reference import (
     ReferenceTrainerMixin,
     add_reference_adapter,
     frozen_copy,
     use_merged_weight_ref_sync,
 )
-from .trainer import HDPiSSATrainerMixin, _is_peft_model
 
 MIXIN_ARGUMENTS = ("hdpissa_config", "method", "save_dtype")
 

@@ -7,7 +7,7 @@ parameter names (:func:`vllm_named_weights`) instead of PEFT's merge / send / un
 
 Reference (only with ``beta > 0``): TRL loads the starting model a second time from ``config._name_or_path`` (a frozen
 copy: one more copy of the weights), which is right for HD-PiSSA too; the adapter-disabled model would not be (see
-:mod:`hdpissa_trl.reference`). A PiSSA baseline keeps a frozen copy of its initial adapter as reference.
+:mod:`hdpissa_trl.trainer.reference`). A PiSSA baseline keeps a frozen copy of its initial adapter as reference.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from .engine.layer import plain_key
+from ..engine.layer import plain_key
+from .mixin import HDPiSSATrainerMixin
 from .reference import (
     ReferenceTrainerMixin,
     add_reference_adapter,
     use_merged_weight_ref_sync,
 )
-from .trainer import HDPiSSATrainerMixin
 
 
 def vllm_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

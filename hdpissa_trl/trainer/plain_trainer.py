@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from .trainer import HDPiSSATrainerMixin, _is_peft_model, build_peft_config
+from .mixin import HDPiSSATrainerMixin, _is_peft_model, build_peft_config
 
 
 class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
@@ -32,7 +32,7 @@ class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
         if kwargs.get("method") in ("pissa", "lora") and model is not None and not _is_peft_model(model):
             from peft import get_peft_model
 
-            from .engine.config import HDPiSSAConfig
+            from ..engine.config import HDPiSSAConfig
 
             config = kwargs.get("hdpissa_config") or HDPiSSAConfig()
             model = get_peft_model(model, build_peft_config(kwargs["method"], config))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .engine.distributed import is_distributed
+from ..engine.distributed import is_distributed
 
 
 def agree_on_skip(scaler, optimizer, group=None) -> bool | None:

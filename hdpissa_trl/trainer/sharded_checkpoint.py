@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .engine.layer import plain_key
-from .engine.sharded import ShardedHDPiSSAEngine, reshard_all
+from ..engine.layer import plain_key
+from ..engine.sharded import ShardedHDPiSSAEngine, reshard_all
 
 META_NAME = "hdpissa_sharded.json"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"

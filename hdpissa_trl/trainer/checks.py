@@ -3,8 +3,8 @@ sharded by rows (their reference model and generation have not been run with a s
 
 from __future__ import annotations
 
-from .engine.config import HDPiSSAConfig
-from .engine.model import find_target_modules
+from ..engine.config import HDPiSSAConfig
+from ..engine.model import find_target_modules
 
 
 def refuse_adapted_output_head(model, config: HDPiSSAConfig, trainer_name: str) -> None:

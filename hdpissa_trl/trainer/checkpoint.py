@@ -25,8 +25,8 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
-from .engine.layer import plain_key
-from .engine.model import HDPiSSAEngine
+from ..engine.layer import plain_key
+from ..engine.model import HDPiSSAEngine
 
 HDPISSA_STATE_NAME = "hdpissa_state.safetensors"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -217,8 +217,8 @@ class CheckpointMixin:
     @property
     def hdpissa_sharded(self) -> bool:
         """W sharded by rows (FSDP2): checkpoints go through torch.distributed.checkpoint
-        (:mod:`hdpissa_trl.sharded_checkpoint`), one file per rank, and W is never gathered into them."""
-        from .engine.sharded import ShardedHDPiSSAEngine
+        (:mod:`hdpissa_trl.trainer.sharded_checkpoint`), one file per rank, and W is never gathered into them."""
+        from ..engine.sharded import ShardedHDPiSSAEngine
 
         return isinstance(self.hdpissa_engine, ShardedHDPiSSAEngine)
 

@@ -4,7 +4,7 @@ HD-PiSSA needs per-device adapters that are never averaged or broadcast. Two set
 
 * replicated data parallelism (``accelerate launch --num_processes K``): every device holds the whole W;
 * FSDP2 (``fsdp_version: 2``): W sharded by rows, each rank folds its own rows (:mod:`hdpissa_trl.engine.sharded`,
-  :mod:`hdpissa_trl.fsdp`).
+  :mod:`hdpissa_trl.trainer.fsdp`).
 
 Everything else would silently destroy the method or fail with an unrelated message, and is refused here with the
 setting to change: DeepSpeed (every ZeRO stage averages the adapter gradients; ZeRO-3's partitions are flat chunks,

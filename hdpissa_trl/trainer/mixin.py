@@ -1,4 +1,5 @@
-"""Trainers: the reusable HD-PiSSA component for any ``transformers.Trainer``, and ``HDPiSSASFTTrainer``.
+"""The reusable HD-PiSSA component for any ``transformers.Trainer`` (TRL's trainers build on it: ``sft_trainer.py``,
+``dpo_trainer.py``, ``grpo_trainer.py``; a plain ``Trainer``: ``plain_trainer.py``).
 
 ``HDPiSSATrainerMixin`` is the method's trainer logic, self-contained (``class MyTrainer(HDPiSSATrainerMixin,
 SomeTrainer): pass`` is a whole trainer):
@@ -9,7 +10,7 @@ SomeTrainer): pass`` is a whole trainer):
 * the fold after every real optimizer step: :meth:`hdpissa_after_optimizer_step`, the one method to read;
 * logging of the fold's cost and the W check; the merged plain model as the saved model; the model card.
 
-Checkpoints (atomic, every device's optimizer state, exact resume) are in :mod:`hdpissa_trl.checkpoint`.
+Checkpoints (atomic, every device's optimizer state, exact resume) are in :mod:`hdpissa_trl.trainer.checkpoint`.
 ``method="pissa" | "lora" | "full"`` gives the baselines in the same trainer (PEFT for LoRA/PiSSA), so every
 comparison shares data, schedule and logging.
 """
@@ -27,15 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
-from trl import SFTTrainer
 
+from ..engine.config import HDPiSSAConfig
+from ..engine.distributed import is_distributed
+from ..engine.fold import FoldStats
+from ..engine.inject import inject_hdpissa
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
-from .engine.config import HDPiSSAConfig
-from .engine.distributed import is_distributed
-from .engine.fold import FoldStats
-from .engine.inject import inject_hdpissa
-from .engine.model import find_target_modules
 from .fsdp import requested_fsdp_plugin, shard_like_accelerate
 from .parallel import check_parallelism
 
@@ -333,55 +332,3 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                           for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
         return super()._save(output_dir, state_dict=state_dict)
 
-
-class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
-    """``trl.SFTTrainer`` training with HD-PiSSA (or a baseline: ``method="pissa" | "lora" | "full"``).
-
-    Example::
-
-        trainer = HDPiSSASFTTrainer(model="path/or/name", args=SFTConfig(...), train_dataset=ds,
-                                    hdpissa_config=HDPiSSAConfig(r=16, lora_alpha=16))
-        trainer.train(); trainer.save_model(); trainer.push_to_hub()
-
-    Launch with ``accelerate launch --num_processes K script.py``: each process owns one slice of every adapted
-    layer's top ``K·r`` singular directions. Everything else behaves like ``SFTTrainer``.
-    """
-
-    def __init__(self, *args, **kwargs):
-        self._check_datasets(args, kwargs)
-        super().__init__(*args, **kwargs)
-
-    @staticmethod
-    def _check_datasets(args: tuple, kwargs: dict) -> None:
-        """Empty datasets and missing columns fail here, in one line, before the model is loaded."""
-        from .data import check_sft_dataset
-
-        signature = inspect.signature(SFTTrainer.__init__)
-        own = {k: v for k, v in kwargs.items() if k in signature.parameters}
-        bound = signature.bind_partial(None, *args, **own).arguments
-        training_args = bound.get("args")
-        dataset_kwargs = getattr(training_args, "dataset_kwargs", None) or {}
-        needs_columns = bound.get("formatting_func") is None and not dataset_kwargs.get("skip_prepare_dataset")
-        text_field = getattr(training_args, "dataset_text_field", "text")
-        check_sft_dataset(bound.get("train_dataset"), "train", text_field, needs_columns)
-        check_sft_dataset(bound.get("eval_dataset"), "eval", text_field, needs_columns)
-
-    def hdpissa_check_model(self, model) -> None:
-        """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
-        never receive a gradient. Refuse it before any work, as TRL does for PEFT."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            return
-        hit = [name for name, mod in find_target_modules(model, self.hdpissa_config) if mod is head]
-        if hit:
-            raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with SFTTrainer: it computes "
-                             f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
-                             f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
-
-    # Overridden (TRL's dataset hook): fail clearly when truncation left no completion token to learn from.
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        from .data import check_after_truncation
-
-        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        check_after_truncation(dataset, prepared, dataset_name, args.max_length)
-        return prepared
