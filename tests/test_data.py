@@ -6,7 +6,7 @@ import pytest
 from trl import DatasetMixtureConfig
 from trl.scripts.utils import DatasetConfig
 
-from hdpissa_trl.data import ALPACA_TEMPLATE, DataError, build_mixture
+from hdpissa_trl.scripts.data import ALPACA_TEMPLATE, DataError, build_mixture
 
 
 def write_jsonl(path, rows):

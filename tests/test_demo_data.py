@@ -261,7 +261,7 @@ def test_recipe_yamls_use_known_keys_and_existing_files() -> None:
     from trl import DatasetMixtureConfig, ModelConfig, SFTConfig
     from trl.scripts.utils import DatasetConfig
 
-    from hdpissa_trl.recipe import HDPiSSAScriptArguments
+    from hdpissa_trl.scripts.recipe import HDPiSSAScriptArguments
 
     known = SCRIPT_KEYS | {
         f.name for c in (SFTConfig, ModelConfig, DatasetMixtureConfig, HDPiSSAScriptArguments)

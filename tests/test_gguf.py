@@ -22,8 +22,9 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF support needs the `gguf` package: pip install 'hdpissa_trl[gguf]'")
 
-from hdpissa_trl import gguf as hg  # noqa: E402
-from hdpissa_trl.gguf import (  # noqa: E402
+from hdpissa_trl.launch import child_env  # noqa: E402
+from hdpissa_trl.scripts import gguf as hg  # noqa: E402
+from hdpissa_trl.scripts.gguf import (  # noqa: E402
     COMPLETE_MARKER,
     PROVENANCE_FILE,
     GGUFConversionError,
@@ -35,7 +36,6 @@ from hdpissa_trl.gguf import (  # noqa: E402
     resolve_gguf_source,
     sha256_file,
 )
-from hdpissa_trl.launch import child_env  # noqa: E402
 
 subprocess_env = child_env  # the child sees this checkout (not some other install) and stays offline
 
@@ -52,7 +52,7 @@ _WORKER = textwrap.dedent(
     import json, logging, os, sys, time
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import hdpissa_trl.gguf as g
+    import hdpissa_trl.scripts.gguf as g
 
     src, cache, counter, ready, n, mode = sys.argv[1:7]
     original = g.convert_gguf
@@ -465,7 +465,7 @@ def test_cli_converts_to_bfloat16(smollm2_race, smollm2_src, tmp_path):
 
     out = tmp_path / "bf16"
     proc = subprocess.run(
-        [sys.executable, "-m", "hdpissa_trl.gguf", str(smollm2_src.parent), str(out), "--gguf_file",
+        [sys.executable, "-m", "hdpissa_trl.scripts.gguf", str(smollm2_src.parent), str(out), "--gguf_file",
          smollm2_src.name, "--dtype", "bfloat16"],
         env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )

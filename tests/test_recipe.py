@@ -148,7 +148,7 @@ def gguf_dir(tmp_path):
 
 
 def test_build_tiny_model_refuses_a_users_gguf_dir_and_leaves_it_untouched(gguf_dir):
-    from hdpissa_trl.recipe import resolve_model_source
+    from hdpissa_trl.scripts.recipe import resolve_model_source
 
     before = snapshot(gguf_dir)
     with pytest.raises(ValueError, match=r"build_tiny_model=true \(build a random demo model\) conflicts with the GGUF "
@@ -177,7 +177,7 @@ def test_recipe_with_demo_yaml_and_a_users_gguf_model_stops_before_touching_it(g
 
 
 def test_build_tiny_model_builds_only_where_nothing_is(tmp_path):
-    from hdpissa_trl.recipe import TINY_MODEL_MARKER, ensure_tiny_model, resolve_model_source
+    from hdpissa_trl.scripts.recipe import TINY_MODEL_MARKER, ensure_tiny_model, resolve_model_source
 
     with pytest.raises(ValueError, match=r"'org/model', which looks like a Hub model id.*--build_tiny_model false"):
         resolve_model_source("org/model", None, build_tiny=True)

@@ -22,8 +22,8 @@ import yaml
 from _dist import child_env, free_port
 from datasets import Dataset
 
-from hdpissa_trl.data import DataError
-from hdpissa_trl.recipe_rl import DPOScriptArguments, GRPOScriptArguments, apply_template, load_data
+from hdpissa_trl.scripts.data import DataError
+from hdpissa_trl.scripts.recipe_rl import DPOScriptArguments, GRPOScriptArguments, apply_template, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes/demo/data_rl"

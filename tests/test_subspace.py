@@ -213,7 +213,7 @@ def test_recipe_flags_reach_the_config():
     """`--hdpissa_subspace rotate --hdpissa_subspace_steps 7 --hdpissa_rotate_pool 3` build the matching config."""
     from types import SimpleNamespace
 
-    from hdpissa_trl.recipe import HDPiSSAScriptArguments, hdpissa_config_from_args
+    from hdpissa_trl.scripts.recipe import HDPiSSAScriptArguments, hdpissa_config_from_args
 
     model_args = SimpleNamespace(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_target_modules=None)
     cfg = hdpissa_config_from_args(HDPiSSAScriptArguments(hdpissa_subspace="rotate", hdpissa_subspace_steps=7,

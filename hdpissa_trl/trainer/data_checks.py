@@ -43,7 +43,7 @@ def check_sft_dataset(dataset, name: str = "train", text_field: str = "text", ne
         return  # ShareGPT-style from/value turns: SFTTrainer converts them to messages
     raise DataError(f"The {name} dataset has columns {dataset.column_names}; SFT needs 'prompt'+'completion', "
                     f"'messages', 'conversations' (ShareGPT from/value) or {text_field!r} (dataset_text_field). "
-                    f"Rename yours, e.g. with hdpissa_trl.data.map_columns, or pass a formatting_func.")
+                    f"Rename yours, e.g. with hdpissa_trl.scripts.data.map_columns, or pass a formatting_func.")
 
 
 def check_after_truncation(before, after, name: str, max_length: int | None) -> None:

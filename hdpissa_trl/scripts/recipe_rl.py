@@ -1,9 +1,9 @@
 """What ``recipes/dpo.py`` and ``recipes/grpo.py`` need beyond TRL: script arguments, data, and the end of a run.
 
 The scripts stay thin (parse, build the trainer, call :func:`finish_run`). Model sources, the HD-PiSSA config from
-TRL's ``ModelConfig`` and the evaluation before/after are the SFT recipe's (:mod:`hdpissa_trl.recipe`); the data is
-TRL's ``DatasetMixtureConfig`` as it is (preference pairs ``prompt``/``chosen``/``rejected`` for DPO, prompts plus
-the columns the reward functions read for GRPO), with the same ``prompt_template`` choices as SFT.
+TRL's ``ModelConfig`` and the evaluation before/after are the SFT recipe's (:mod:`hdpissa_trl.scripts.recipe`); the
+data is TRL's ``DatasetMixtureConfig`` as it is (preference pairs ``prompt``/``chosen``/``rejected`` for DPO, prompts
+plus the columns the reward functions read for GRPO), with the same ``prompt_template`` choices as SFT.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class GRPOScriptArguments(HDPiSSAScriptArguments):
                              "reward_model_name_or_path.")
 
     def rewards(self) -> list:
-        from .rewards import get_reward_funcs
+        from ..rewards import get_reward_funcs
 
         funcs: list = [self.reward_model_name_or_path] if self.reward_model_name_or_path else []
         return funcs + (get_reward_funcs(self.reward_funcs) if self.reward_funcs else [])

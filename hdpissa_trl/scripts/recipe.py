@@ -19,10 +19,10 @@ from typing import Any
 
 from trl import ScriptArguments
 
+from ..engine.config import HDPiSSAConfig
+from ..engine.distributed import shutdown_distributed
+from ..trainer.mixin import METHODS
 from .data import dataset_label
-from .engine.config import HDPiSSAConfig
-from .engine.distributed import shutdown_distributed
-from .trainer.mixin import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwa
     if (path / "config.json").exists():
         return str(path)
     _refuse_foreign_path(path)
+    from ..testing_utils import save_tiny_model
     from .gguf import exclusive_lock
-    from .testing_utils import save_tiny_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(path.parent / f".{path.name}.lock", str(path)):  # one process builds, the others reuse
@@ -157,7 +157,8 @@ def ensure_tiny_model(path: str | os.PathLike, arch: str = "llama", **config_kwa
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise RuntimeError(f"Building the tiny model at {path} wrote no files on this process (not rank 0 "
                                    f"of torch.distributed); build it on the main process first.")
-            (tmp / TINY_MODEL_MARKER).write_text("built by hdpissa_trl.recipe.ensure_tiny_model (random weights)\n")
+            (tmp / TINY_MODEL_MARKER).write_text(
+                "built by hdpissa_trl.scripts.recipe.ensure_tiny_model (random weights)\n")
             if path.is_dir():
                 path.rmdir()  # empty (checked above): rmdir refuses anything else
             os.replace(tmp, path)

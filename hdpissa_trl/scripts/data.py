@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from .trainer.data_checks import DataError
+from ..trainer.data_checks import DataError
 
 TEMPLATES = ("none", "alpaca", "chat")
 ALPACA_TEMPLATE = (

@@ -12,7 +12,7 @@ the full weights and saves them, so it needs an ordinary dense checkpoint. This 
   under a file lock (``filelock``), so that K processes started together (``accelerate launch``) convert once and
   share the result. The sha256 of a file is remembered by (path, size, mtime, inode): a cache hit reads no data.
 
-CLI: ``python -m hdpissa_trl.gguf SRC OUT [--gguf_file NAME] [--dtype float32|bfloat16|float16]``.
+CLI: ``python -m hdpissa_trl.scripts.gguf SRC OUT [--gguf_file NAME] [--dtype float32|bfloat16|float16]``.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_written(out: Path) -> None:
     """``save_pretrained`` silently writes nothing on a process whose torch.distributed rank is not 0: catch that."""
     if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors*")):
-        from .engine.distributed import world_and_rank
+        from ..engine.distributed import world_and_rank
 
         rank = world_and_rank()[1]
         raise RuntimeError(f"Conversion wrote no weights to {out} (torch.distributed rank {rank}: transformers only "
@@ -412,8 +412,8 @@ def cached_checkpoint(model_name_or_path: str | os.PathLike, gguf_file: str | No
 
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hdpissa_trl.gguf SRC OUT``: convert once, e.g. to inspect or ship the dense checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m hdpissa_trl.gguf", description=main.__doc__)
+    """``python -m hdpissa_trl.scripts.gguf SRC OUT``: convert once, e.g. to inspect or ship the dense checkpoint."""
+    parser = argparse.ArgumentParser(prog="python -m hdpissa_trl.scripts.gguf", description=main.__doc__)
     parser.add_argument("src", help="a .gguf file, or a directory / Hub repo id together with --gguf_file")
     parser.add_argument("out", help="output directory for the converted checkpoint")
     parser.add_argument("--gguf_file", default=None, help="file name inside SRC")
