@@ -30,6 +30,31 @@ def test_engine_use_does_not_import_trl_and_trainer_loads_on_first_access():
     assert got == {"before": [], "after": ["hdpissa_trl.trainer", "trl"], "name": "HDPiSSASFTTrainer", "in_dir": True}
 
 
+ENGINE_WITHOUT_TRL = """
+import importlib, json, pkgutil, sys
+sys.modules["trl"] = None  # any `import trl` now raises ImportError
+import hdpissa_trl.engine as engine
+names = sorted(m.name for m in pkgutil.iter_modules(engine.__path__))
+for name in names:
+    importlib.import_module(f"hdpissa_trl.engine.{name}")
+from hdpissa_trl.testing_utils import build_tiny_model
+model = build_tiny_model("llama")
+eng = engine.inject_hdpissa(model, engine.HDPiSSAConfig(r=2), 0, 1, show_progress=False)
+eng.fold()
+print(json.dumps({"modules": names, "merged": len(eng.merged_state_dict())}))
+"""
+
+
+def test_engine_and_every_engine_module_work_with_trl_blocked():
+    """The engine is the method without TRL: every module of hdpissa_trl.engine imports, and an engine injects and
+    folds, in a process where importing trl fails."""
+    out = subprocess.run([sys.executable, "-c", ENGINE_WITHOUT_TRL], env=child_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"config", "fold", "inject", "model", "sharded"} <= set(got["modules"]) and got["merged"] > 0
+
+
 def test_every_public_name_resolves_and_unknown_names_fail_clearly():
     import pytest
 
