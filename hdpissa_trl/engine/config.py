@@ -11,7 +11,7 @@ ON_MISMATCH = ("raise", "resync")
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
 OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm")
 SHARDED_COMM = ("auto", "all_gather", "all_to_all")
-SUBSPACE_MODES = ("fixed", "refactor", "rotate", "moving")
+SUBSPACE_MODES = ("fixed", "refactor", "rotate", "gradient", "moving")
 
 
 @dataclass
@@ -47,9 +47,12 @@ class HDPiSSAConfig:
             on_sync_mismatch: ``"raise"`` stops with the first differing layer; ``"resync"`` copies rank 0's ``W``.
             seed: seed of the randomized SVD and of stochastic rounding (identical on every device by design).
         Subspace schedule (:mod:`hdpissa_trl.engine.subspace`):
-            subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"`` or experimental ``"moving"``.
-            subspace_steps: folds between two changes of the factors (rotate, refactor).
+            subspace: ``"fixed"`` (the paper's scheme), ``"rotate"``, ``"refactor"``, ``"gradient"`` or experimental
+                ``"moving"``.
+            subspace_steps: folds between two changes of the factors (rotate, refactor, gradient).
             rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.
+            subspace_warmup_steps: after each change of the factors the adapters' learning rate ramps up linearly
+                over this many optimizer steps (0: none).
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
@@ -101,14 +104,23 @@ class HDPiSSAConfig:
                           "initial top-K·r subspaces), 'rotate' (every subspace_steps folds the devices move to the next "
                           "K·r of the top rotate_pool·K·r initial directions; optimizer state restarts), 'refactor' "
                           "(every subspace_steps folds re-factor the current W; optimizer state restarts), or "
-                          "EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not better than 'fixed' on "
-                          "the multi-task benchmark). rotate/refactor beat 'fixed' and PiSSA in BENCHMARKS.md §6."},
+                          "'gradient' (every subspace_steps folds the devices take the top K·r singular directions of "
+                          "the full gradient of W, summed over devices, at W's singular-value magnitudes; optimizer "
+                          "state restarts), or EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not "
+                          "better than 'fixed' on the multi-task benchmark). See BENCHMARKS.md §5c and §6."},
     )
     subspace_steps: int = field(
-        default=50, metadata={"help": "subspace='refactor'/'rotate': folds between two changes of the factors."}
+        default=50,
+        metadata={"help": "subspace='refactor'/'rotate'/'gradient': folds between two changes of the factors."},
     )
     rotate_pool: int = field(
         default=2, metadata={"help": "subspace='rotate': the pool holds rotate_pool·K·r initial singular directions."}
+    )
+    subspace_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "After each change of the factors (rotate, refactor, gradient) the adapters' learning rate "
+                          "ramps linearly from 1/(N+1) to the scheduled rate over N optimizer steps: Adam's restarted "
+                          "moments otherwise make the first steps sign-like at the full rate. 0 disables."},
     )
 
     def __post_init__(self) -> None:
@@ -136,6 +148,10 @@ class HDPiSSAConfig:
             )
         if self.subspace not in SUBSPACE_MODES:
             raise ValueError(f"HDPiSSAConfig.subspace must be one of {SUBSPACE_MODES}, got {self.subspace!r}.")
+        if isinstance(self.subspace_warmup_steps, bool) or not isinstance(self.subspace_warmup_steps, int) \
+                or self.subspace_warmup_steps < 0:
+            raise ValueError(f"HDPiSSAConfig.subspace_warmup_steps must be an integer >= 0, got "
+                             f"{self.subspace_warmup_steps!r}.")
         if self.subspace_steps < 1 or self.rotate_pool < 2:
             raise ValueError(f"HDPiSSAConfig.subspace_steps must be >= 1 and rotate_pool >= 2, got "
                              f"{self.subspace_steps!r} and {self.rotate_pool!r}.")

@@ -33,7 +33,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
     """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale):
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale, grad_capture=None):
         y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype, like a plain Linear
         # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -41,6 +41,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
         ctx.save_for_backward(x_adapter, xa, weight, lora_A, lora_B)
         ctx.scale = scale
         ctx.x_dtype = x.dtype
+        ctx.grad_capture = grad_capture
         return y
 
     @staticmethod
@@ -52,14 +53,18 @@ class _HDPiSSALinearFn(torch.autograd.Function):
             # Base path only: the adapter contributes nothing to dL/dx.
             grad_x = (grad_y @ weight.to(grad_y.dtype)).to(ctx.x_dtype)
         d = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype)  # (T, m)
-        if ctx.needs_input_grad[4]:
+        capture = ctx.grad_capture
+        if ctx.needs_input_grad[4] or capture is not None:
             xin = x_adapter.reshape(-1, x_adapter.shape[-1]).to(lora_A.dtype)  # (T, n)
+        if ctx.needs_input_grad[4]:
             grad_A = (d @ lora_B).t() @ xin
             grad_A.mul_(s)
         if ctx.needs_input_grad[5]:
             grad_B = d.t() @ xa.reshape(-1, xa.shape[-1])
             grad_B.mul_(s)
-        return grad_x, None, None, None, grad_A, grad_B, None
+        if capture is not None:  # subspace="gradient": dL/dW of this step, accumulated (m × n, fp32)
+            capture.addmm_(d.t(), xin)
+        return grad_x, None, None, None, grad_A, grad_B, None, None
 
 
 class HDPiSSALinear(nn.Module):
@@ -89,6 +94,8 @@ class HDPiSSALinear(nn.Module):
                                                    device=base_layer.weight.device))
         self.register_buffer("B0_all", torch.zeros(m, world_size * r, dtype=torch.float32,
                                                    device=base_layer.weight.device))
+        # subspace="gradient" sets an (m × n) fp32 buffer here for the steps whose full gradient of W it needs.
+        self.grad_capture: torch.Tensor | None = None
         base_layer.weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
@@ -143,7 +150,7 @@ class HDPiSSALinear(nn.Module):
         x_drop = self.lora_dropout(x) if dropout else x
         if train_adapter:
             y = _HDPiSSALinearFn.apply(x, x_drop.detach(), self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, self.scale)
+                                       self.lora_A, self.lora_B, self.scale, self.grad_capture)
         else:
             y = self.base_layer(x)  # inference / frozen: exactly the base layer
         if dropout:

@@ -159,7 +159,8 @@ class HDPiSSAEngine:
         self.layers: list[HDPiSSALinear] = []
         self.updaters: list[WeightUpdater] = []
         self._inject(targets, ranks, show_progress)
-        self.subspace = SubspaceSchedule(self, config.subspace, config.subspace_steps, config.rotate_pool)
+        self.subspace = SubspaceSchedule(self, config.subspace, config.subspace_steps, config.rotate_pool,
+                                         config.subspace_warmup_steps)
         self.factors_changed = False  # True right after a fold that replaced the factors (restart their optimizer)
         # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
         self.check_consistency(step=0, on_mismatch="raise")
@@ -182,6 +183,30 @@ class HDPiSSAEngine:
     def adapter_parameters(self) -> list[nn.Parameter]:
         """This device's trainable tensors (A, B of every layer), in layer order."""
         return [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+
+    def lr_scale(self) -> float:
+        """The multiplier of the adapters' learning rate for the next optimizer step (``subspace_warmup_steps``)."""
+        return self.subspace.lr_scale()
+
+    def scale_learning_rate(self, optimizer: torch.optim.Optimizer):
+        """Make every step of ``optimizer`` run at ``lr × lr_scale()`` (the warm-up after a change of the factors,
+        ``subspace_warmup_steps``): step pre/post hooks scale and restore each group's rate, so a scheduler keeps
+        setting the unscaled one. Returns the two hook handles (``.remove()`` undoes it)."""
+        saved: dict[int, float] = {}
+
+        def pre(opt, args, kwargs):
+            factor = self.lr_scale()
+            if factor != 1.0:
+                for group in opt.param_groups:
+                    saved[id(group)] = group["lr"]
+                    group["lr"] = group["lr"] * factor
+
+        def post(opt, args, kwargs):
+            for group in opt.param_groups:
+                if id(group) in saved:
+                    group["lr"] = saved.pop(id(group))
+
+        return optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
 
     def fold(self) -> FoldStats:
         """Gather every device's deltas (one collective), fold into ``W``, reset adapters; every rank must call.
@@ -270,8 +295,9 @@ class HDPiSSAEngine:
             master = upd.state().get("master")
             if master is not None:
                 layer.base_layer.weight.copy_(master)
-        self.subspace.load_state_dict({k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")})
         self.step = int(meta.get("step", 0))
+        self.subspace.load_state_dict({k[len("subspace."):]: v for k, v in tensors.items() if k.startswith("subspace.")},
+                                      self)
 
     # -- merged model -----------------------------------------------------------------------------------------
     def merged_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

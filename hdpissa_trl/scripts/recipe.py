@@ -84,11 +84,14 @@ class HDPiSSAScriptArguments(ScriptArguments):
                                           "all_to_all | auto (fewer bytes)."}
     )
     hdpissa_subspace: str = field(
-        default="fixed", metadata={"help": "fixed (the paper) | rotate | refactor | moving (experimental): see "
-                                           "HDPiSSAConfig.subspace."}
+        default="fixed", metadata={"help": "fixed (the paper) | rotate | refactor | gradient | moving (experimental): "
+                                           "see HDPiSSAConfig.subspace."}
     )
-    hdpissa_subspace_steps: int = field(default=50, metadata={"help": "Folds between subspace changes (rotate/refactor)."})
+    hdpissa_subspace_steps: int = field(
+        default=50, metadata={"help": "Folds between subspace changes (rotate/refactor/gradient)."})
     hdpissa_rotate_pool: int = field(default=2, metadata={"help": "rotate: pool of rotate_pool·K·r directions."})
+    hdpissa_subspace_warmup_steps: int = field(
+        default=0, metadata={"help": "Steps of linear learning-rate warm-up after each change of the subspace."})
     save_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
     )
@@ -119,7 +122,8 @@ def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, se
         precision=script_args.hdpissa_precision, sync_check_steps=script_args.hdpissa_sync_check_steps,
         on_sync_mismatch=script_args.hdpissa_on_sync_mismatch, bucket_size_mb=script_args.hdpissa_bucket_size_mb,
         sharded_comm=script_args.hdpissa_sharded_comm, subspace=script_args.hdpissa_subspace,
-        subspace_steps=script_args.hdpissa_subspace_steps, rotate_pool=script_args.hdpissa_rotate_pool, seed=seed,
+        subspace_steps=script_args.hdpissa_subspace_steps, rotate_pool=script_args.hdpissa_rotate_pool,
+        subspace_warmup_steps=script_args.hdpissa_subspace_warmup_steps, seed=seed,
     )
 
 

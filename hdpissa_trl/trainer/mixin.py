@@ -220,6 +220,16 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if self.hdpissa_engine.factors_changed:  # subspace 'refactor'/'rotate': new directions, restart their moments
             self.optimizer.state.clear()
 
+    def create_optimizer(self, *args, **kwargs):
+        """The parent's optimizer; with ``subspace_warmup_steps`` its steps run at the engine's warm-up fraction of the
+        scheduled rate after each change of the factors (step hooks: the scheduler keeps its own rate)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        engine = getattr(self, "hdpissa_engine", None)
+        if engine is not None and self.hdpissa_config.subspace_warmup_steps and \
+                getattr(optimizer, "_hdpissa_lr_hooks", None) is None:
+            optimizer._hdpissa_lr_hooks = engine.scale_learning_rate(optimizer)
+        return optimizer
+
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.hdpissa_engine is not None and "loss" in logs:
