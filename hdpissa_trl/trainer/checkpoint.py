@@ -203,8 +203,8 @@ class CheckpointMixin:
     """``Trainer`` overrides for atomic, HD-PiSSA-aware checkpoints (mixed into :class:`HDPiSSATrainerMixin`).
 
     transformers has no public hook around writing or reading a checkpoint, so these are overrides of its private
-    methods; each says why in one line. With ``method="peft"`` (a user's own PEFT config) all of them defer to the
-    parent unchanged.
+    methods; each says why in one line (every private override of the trainers, and why no public hook does its job:
+    docs/layout.md). With ``method="peft"`` (a user's own PEFT config) all of them defer to the parent unchanged.
     """
 
     hdpissa_engine: HDPiSSAEngine | None = None
@@ -343,8 +343,15 @@ class CheckpointMixin:
     # Overridden: the checkpoint has plain keys (W of adapted layers goes into `base_layer`) and the engine state.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.hdpissa_engine is None:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_hdpissa_weights(resume_from_checkpoint)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            self._load_hdpissa_weights(resume_from_checkpoint)
+        self._load_hdpissa_extra_state(resume_from_checkpoint)
+
+    def _load_hdpissa_extra_state(self, ckpt_dir: str) -> None:
+        """Training state beyond the weights, restored right after them on resume (whatever the method). No-op here;
+        the DPO / GRPO trainers restore their synced reference model here (``ReferenceTrainerMixin``), the
+        counterpart of what they add to :meth:`_save_hdpissa_state`."""
 
     # Overridden for load_best_model_at_end, for the same reason: W (and its fp32 master) restored exactly.
     def _load_best_model(self) -> None:

@@ -162,11 +162,11 @@ class ReferenceTrainerMixin:
         refuse_adapted_output_head(model, self.hdpissa_config, self.hdpissa_trl_parent)
         refuse_sharded_w(self, self.hdpissa_trl_parent)
 
-    # Overridden (checkpoint hooks of the mixin): a synced reference is training state, saved and restored with it.
+    # The checkpoint hooks of CheckpointMixin: a synced reference is training state, saved and restored with it.
     def _save_hdpissa_state(self, ckpt_dir: str) -> None:
         super()._save_hdpissa_state(ckpt_dir)
         save_synced_reference(self, ckpt_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_synced_reference(self, resume_from_checkpoint)
+    def _load_hdpissa_extra_state(self, ckpt_dir: str) -> None:
+        super()._load_hdpissa_extra_state(ckpt_dir)
+        load_synced_reference(self, ckpt_dir)
