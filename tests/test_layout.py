@@ -123,6 +123,18 @@ def test_the_top_level_helpers_build_on_the_engine_only():
     assert not {m: ts for m, ts in wrong.items() if ts}
 
 
+def test_evaluation_imports_nothing_from_the_package():
+    """``evaluation/`` scores any model, baselines included: it must not depend on hdpissa_trl."""
+    files, wrong = sorted((PACKAGE_DIR.parent / "evaluation").rglob("*.py")), []
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            wrong += [f"{path.name}: {n}" for n in names if n == ROOT or n.startswith(ROOT + ".")]
+    assert not wrong
+
+
 @pytest.mark.parametrize("package", ["engine", "trainer", "scripts"])
 def test_each_layer_is_a_package(package):
     assert f"{ROOT}.{package}" in MODULES and len([m for m in MODULES if layer(m) == package]) > 1
