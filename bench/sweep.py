@@ -100,7 +100,8 @@ STUDIES: dict[str, dict] = {
     # Rates at 2x spacing, chosen on seed 0; the decision is made on seeds 1 and 2 (summary: "decision").
     "smollm2_100": dict(
         kind="smollm2_sim", tasks=["multitask"],
-        labels=["pissa2", "hdpissa2", "lora2", "full2", "hdpissa2_refactor25", "hdpissa2_rotate25"],
+        labels=["pissa2", "hdpissa2", "lora2", "full2", "hdpissa2_refactor25", "hdpissa2_rotate25",
+                "hdpissa2_gradient25", "hdpissa2_refactor25_wu", "hdpissa2_gradient25_wu", "hdpissa4", "hdpissa8"],
         grid={"hdpissa": [1e-3, 2e-3, 4e-3], "pissa": [1e-3, 2e-3, 4e-3], "lora": [2e-3, 4e-3, 8e-3],
               "full": [1.5e-5, 3e-5, 6e-5]},
         steps=100, eval_every=20, r=2, alpha=2.0, global_batch=8, seeds=[0, 1, 2], select_seeds=[0],
@@ -514,8 +515,58 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                 tsum.setdefault("outside", {})[lab] = {k: mean_std([r["heldout"][f"outside_k{k}"] for r in rs])[0]
                                                        for k in ks}
             lines += _per_layer_lines(task, labels, at_best, ks[0])
+        select = selection_seeds(records)
+        if select:
+            lines += _decision_lines(task, labels, at_best, select, tsum)
+        if recs[0].get("kind") == "smollm2_sim":
+            lines += _clip_lines(task, labels, at_best)
         summary["tasks"][task] = tsum
     return "\n".join(lines), summary
+
+
+def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[int], out: dict) -> list[str]:
+    """The decision, on the seeds that chose no rate: arm A beats arm B when A's held-out loss is lower on every such
+    seed and on their mean. One row per arm: whom it beats, who beats it, and its losses on those seeds."""
+    seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in at_best.values()]) - set(select))
+    if not seeds:
+        return ["", f"**{task}: decision** — no seed beyond the rate-choosing seed(s) {select} has run for every arm yet."]
+    val = {lab: {r["seed"]: r["heldout"][PRIMARY] for r in at_best[lab]} for lab in labels}
+
+    def beats(a: str, b: str) -> bool:
+        da = [val[a][s] - val[b][s] for s in seeds]
+        return all(d < 0 for d in da) and sum(da) < 0
+
+    head = ["method", *[f"held-out loss, seed {s}" for s in seeds], "mean", "beats", "beaten by"]
+    lines = ["", f"**{task}: decision on seeds {', '.join(map(str, seeds))}** (they chose no rate; A beats B when A's "
+                 f"held-out loss is lower on each of them and on their mean; each arm at the rate chosen on seed(s) "
+                 f"{', '.join(map(str, select))})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dec = {}
+    for lab in sorted(labels, key=lambda x: sum(val[x][s] for s in seeds)):
+        won = [b for b in labels if b != lab and beats(lab, b)]
+        lost = [b for b in labels if b != lab and beats(b, lab)]
+        dec[lab] = {"beats": won, "beaten_by": lost, "mean": sum(val[lab][s] for s in seeds) / len(seeds)}
+        lines.append("| " + " | ".join([LABEL_NAMES.get(lab, lab), *[f"{val[lab][s]:.4f}" for s in seeds],
+                                        f"{dec[lab]['mean']:.4f}",
+                                        ", ".join(LABEL_NAMES.get(b, b) for b in won) or "—",
+                                        ", ".join(LABEL_NAMES.get(b, b) for b in lost) or "—"]) + " |")
+    out["decision"] = {"seeds": seeds, **dec}
+    return lines
+
+
+def _clip_lines(task: str, labels: list[str], at_best: dict) -> list[str]:
+    """How often gradient clipping changed a step (HD-PiSSA: each device's local norm; DDP baselines: the norm of the
+    averaged gradient), with the median pre-clip norm, each arm at its best rate."""
+    head = ["method", "max_grad_norm", "steps clipped", "median pre-clip norm"]
+    lines = ["", f"**{task}: does clipping bind?** (share of clip calls where the norm exceeded the limit)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lab in labels:
+        rs = at_best[lab]
+        norms = sorted(x for r in rs for x in r.get("grad_norms", []))
+        if not norms:
+            continue
+        lines.append(f"| {LABEL_NAMES.get(lab, lab)} | {rs[0].get('max_grad_norm', 1.0):g} | "
+                     f"{sum(r['clip_fraction'] for r in rs) / len(rs):.0%} | {norms[len(norms) // 2]:.3g} |")
+    return lines
 
 
 def _per_layer_lines(task: str, labels: list[str], at_best: dict, k: int) -> list[str]:
