@@ -8,7 +8,8 @@ real optimizer step, ``engine.state_dict()`` into checkpoints, ``engine.merged_s
 * :mod:`.fold`, :mod:`.precision`, :mod:`.consistency`: the fold, how W absorbs it, the cross-device check of W;
 * :mod:`.subspace`: what happens to the slices between folds; :mod:`.distributed`: the ``torch.distributed`` plumbing;
 * :mod:`.model`: :class:`HDPiSSAEngine` (W replicated); :mod:`.sharded`: :class:`ShardedHDPiSSAEngine` (W sharded
-  by rows with FSDP2); :mod:`.inject`: :func:`inject_hdpissa`, which picks one of the two.
+  by rows with FSDP2); :mod:`.inject`: :func:`inject_hdpissa`, which picks one of the two;
+* :mod:`.simulate`: K devices run exactly in one process (benchmarks on a small machine).
 """
 
 from __future__ import annotations

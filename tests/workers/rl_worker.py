@@ -43,7 +43,8 @@ def build_trainer(kind: str, model: str, common: dict, hdpissa_config: HDPiSSACo
     if kind == "dpo":
         from trl import DPOConfig
 
-        # Precomputed reference on an in-memory dataset: TRL's cache file would be per-process (see dpo.py).
+        # Precomputed reference on an in-memory dataset: TRL's cache file would be per-process (see
+        # hdpissa_trl/trainer/dpo_trainer.py).
         args = DPOConfig(**common, max_length=64, gradient_checkpointing=False, precompute_ref_log_probs=True)
         return HDPiSSADPOTrainer(model=model, args=args, train_dataset=demo_rows("preference", 64),
                                  hdpissa_config=hdpissa_config, method=method)
