@@ -84,7 +84,8 @@ class SimulatedDevices:
 
     @torch.no_grad()
     def local_buffer(self, k: int) -> torch.Tensor:
-        """Device ``k``'s ``[dA | dB]`` of every layer, as :func:`~hdpissa_trl.fold.local_delta_buffer` builds it."""
+        """Device ``k``'s ``[dA | dB]`` of every layer, as :func:`~hdpissa_trl.engine.fold.local_delta_buffer` builds
+        it."""
         parts = []
         for layer, (A, B) in zip(self.engine.layers, self.adapters[k]):
             sl = slice(k * layer.r, (k + 1) * layer.r)
