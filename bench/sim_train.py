@@ -196,6 +196,14 @@ def train(run: dict) -> dict:
     cfg = HDPiSSAConfig(r=run["r"], lora_alpha=run["alpha"], target_modules="all-linear", sync_check_steps=0,
                         **run.get("options", {}))
     method = run["method"]
+    if method == "base":  # the untrained model: held-out metrics on every row and math exact match, no training
+        final, scored = heldout(model, tok, sets)
+        curve = [(0, aggregate(scored, run.get("curve_rows", 40)))]
+        if run.get("em_limit", 100):
+            final.update(math_exact_match(model, tok, run.get("em_limit", 100)))
+        return {"heldout": final, "curve": curve, "curve_rows_per_task": run.get("curve_rows", 40),
+                "train_losses": [], "train_loss_last_half": float("nan"), "grad_norms": [], "clip_fraction": 0.0,
+                "step_time_s": 0.0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     warmup = round(run.get("warmup_ratio", 0.03) * steps)
     sched_fn = cosine_lambda(warmup, steps)
     max_norm = run.get("max_grad_norm", 1.0)
@@ -277,6 +285,8 @@ def train(run: dict) -> dict:
     net.eval()
     if run.get("em_limit", 100):
         final.update(math_exact_match(net, tok, run.get("em_limit", 100)))
+    if run.get("save_final_dir"):  # last: PEFT's merge_and_unload changes the model
+        save_final(net, sim, method, run["save_final_dir"])
     half = train_losses[len(train_losses) // 2:]
     return {"heldout": final, "curve": curve, "curve_rows_per_task": curve_rows, "train_losses": train_losses,
             "train_loss_last_half": sum(half) / len(half),
@@ -286,6 +296,23 @@ def train(run: dict) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "per_device_batch": b, "processes": 1, "simulated_devices": K, "warmup_steps": warmup,
             "max_grad_norm": max_norm}
+
+
+def save_final(net, sim, method: str, out_dir: str) -> None:
+    """The final weights of every adapted linear (plain names, fp32, safetensors), for analyses of ΔW against the base
+    checkpoint (bench/ceiling_real.py, the adapter export): HD-PiSSA's W, PEFT's merged W, full FT's W."""
+    from safetensors.torch import save_file
+
+    if sim is not None:
+        state = sim.engine.merged_state_dict()
+    elif method in ("lora", "pissa"):
+        state = net.merge_and_unload().state_dict()
+    else:
+        state = net.state_dict()
+    keep = {k: v.detach().float().contiguous() for k, v in state.items()
+            if k.endswith(".weight") and any(p in k for p in ("_proj.",))}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(keep, os.path.join(out_dir, "linears.safetensors"))
 
 
 class _nullcontext:

@@ -106,6 +106,8 @@ STUDIES: dict[str, dict] = {
               "full": [1.5e-5, 3e-5, 6e-5]},
         steps=100, eval_every=20, r=2, alpha=2.0, global_batch=8, seeds=[0, 1, 2], select_seeds=[0],
         references=["pissa2", "hdpissa2"], heldout_limit=100, curve_rows=40, em_limit=100,
+        # final weights of these (label: seeds) go to WORK_DIR/final/<run>/ for the ceiling and adapter analyses
+        save_final={"full2": [1], "hdpissa2": [1], "pissa2": [1], "hdpissa2_gradient25": [1]},
     ),
     # The paper's own setting, untuned: one shared rate for every method (2e-5 as in the paper, and 2e-4), same
     # horizon and data as smollm2_100, K = 8 simulated as in the paper, on the decision seeds.
@@ -297,6 +299,9 @@ def run_smollm2_sim(study_name: str, study: dict, runs: list[dict], work_dir: st
     env, commit = env_info(threads=1), git_commit()
     # Seed-major: a study cut short still has every method and rate for its first seeds.
     todo = sorted(runs, key=lambda r: (r["seed"], study["labels"].index(r["label"]), r["lr"]))
+    if not os.path.exists(os.path.join(out_dir, "base.json")):  # the untrained model, once per study (all rows)
+        todo.insert(0, {"id": "base", "task": study["tasks"][0], "label": "base", "method": "base", "K": 1, "lr": 0.0,
+                        "seed": 0, "r": study["r"], "alpha": study["alpha"], "steps": 0, "options": {}})
     running: list[tuple[subprocess.Popen, dict, object]] = []
     failed = []
     logs = os.path.join(work_dir, "logs")
@@ -305,9 +310,11 @@ def run_smollm2_sim(study_name: str, study: dict, runs: list[dict], work_dir: st
         while todo or running:
             while todo and len(running) < parallel:
                 run = todo.pop(0)
+                keep = run["seed"] in study.get("save_final", {}).get(run["label"], [])
                 spec = dict(run, study=study_name, global_batch=study["global_batch"], eval_every=study["eval_every"],
+                            save_final_dir=os.path.join(work_dir, "final", run["id"]) if keep else None,
                             heldout_limit=study["heldout_limit"], curve_rows=study["curve_rows"],
-                            em_limit=study["em_limit"], eval_at_start=True, env=env, git_commit=commit, threads=1)
+                            em_limit=study["em_limit"], env=env, git_commit=commit, threads=1)
                 path = os.path.join(work_dir, run["id"] + ".run.json")
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(spec, f)
@@ -406,8 +413,10 @@ def _paired_lines(task: str, labels: list[str], at_best: dict, ref: str, metric_
     return lines
 
 
-def summarize_study(name: str, records: list[dict], references: list[str] = ("pissa2",)) -> tuple[str, dict]:
-    """Markdown tables (grid, best per method, paired by seed against each reference, wins) and a JSON summary."""
+def summarize_study(name: str, records: list[dict], references: list[str] = ("pissa2",),
+                    base: dict | None = None) -> tuple[str, dict]:
+    """Markdown tables (grid, best per method, paired by seed against each reference, wins) and a JSON summary.
+    ``base``: the untrained model's record (``base.json`` of a smollm2_sim study), shown first."""
     lines, summary = [], {"study": name, "tasks": {}}
     loads = [v for r in records for v in (r.get("load_avg_1min_start"), r.get("load_avg_1min_end")) if v is not None]
     r0 = records[0]
@@ -415,6 +424,12 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                  f"α = {r0['lora_alpha']:g}, global batch {r0['global_batch']}; 1-min load average during the runs "
                  f"{min(loads):.1f}–{max(loads):.1f} on a {r0['env'].get('logical_cores', '?')}-core CPU shared with "
                  f"other jobs (runs under `nice`). Regenerate: `python -m bench.sweep summary`.")
+    if base is not None:
+        h = base["heldout"]
+        lines.append(f"\nUntrained model: held-out loss {h['eval_loss']:.4f} (math {h['math_loss']:.4f}, code "
+                     f"{h['code_loss']:.4f}, text {h['text_loss']:.4f})"
+                     + (f", math exact match of generated answers {h['math_em']:.2f}" if "math_em" in h else "") + ".")
+        summary["base"] = h
     best = best_lrs(records)
     for task in sorted({r["task"] for r in records}):
         recs = [r for r in records if r["task"] == task]
@@ -480,7 +495,7 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
         # Over training (tiny studies record an eval curve): the difference to the reference at each eval step,
         # and the share of ΔW outside the fixed top-k sets.
         for ref in refs if all(r.get("curve") for rs in at_best.values() for r in rs) else []:
-            steps = [c[0] for c in at_best[ref][0]["curve"]][1:]
+            steps = [c[0] for c in at_best[ref][0]["curve"] if c[0] > 0]
             shown = steps[::max(1, len(steps) // 6)]
             shown += [steps[-1]] if shown[-1] != steps[-1] else []
             lines += ["", f"**{task}: held-out loss − {LABEL_NAMES.get(ref, ref)} over training** (each at its best "
@@ -660,7 +675,9 @@ def summary_main(args) -> None:
         if not records:
             print(f"{name}: no runs yet")
             continue
-        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("references", ["pissa2"]))
+        base_path = os.path.join(study_dir(name, root), "base.json")
+        base = json.load(open(base_path, encoding="utf-8")) if os.path.exists(base_path) else None
+        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("references", ["pissa2"]), base)
         with open(os.path.join(study_dir(name, root), "SUMMARY.md"), "w", encoding="utf-8") as f:
             f.write(md + "\n")
         with open(os.path.join(study_dir(name, root), "summary.json"), "w", encoding="utf-8") as f:
