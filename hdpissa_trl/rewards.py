@@ -10,9 +10,13 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
+from fractions import Fraction
 
-_ANSWER = re.compile(r"The answer is (-?\d+)\b")
-_NUMBER = re.compile(r"-?\d+")
+# A number as math answers write it: an integer, a decimal, thousands separated by commas ("1,000"), a fraction "3/4".
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
+_ANSWER = re.compile(rf"The answer is ({_NUM})(?![\d.,]?\d)")
+_NUMBER = re.compile(_NUM)
+_STATED = re.compile(r"The answer is ([^\n]*)")
 
 
 def _text(completion) -> str:
@@ -22,15 +26,34 @@ def _text(completion) -> str:
     return "".join(message.get("content") or "" for message in completion)
 
 
+def _number(text: str) -> Fraction | None:
+    """``text`` as an exact number ("42", "-3", "42.50", "1,000", "3/4"), else ``None``."""
+    try:
+        return Fraction(text.strip().replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def answer_reward(completions, answer: list[str], **kwargs) -> list[float]:
-    """1.0 when the completion's answer equals ``answer``: the N of its first ``The answer is N``, else its last
-    number."""
+    """1.0 when the completion's answer equals ``answer``.
+
+    A numeric gold answer ("42", "-3", "42.5", "3/4") is compared as an exact number with the N of the completion's
+    first ``The answer is N``, else with its last number: "42.50" scores for "42.5", "42.5" does not score for "42".
+    Any other gold answer ("x = 3", "\\frac{1}{2}") is compared as text with what follows ``The answer is`` (up to the
+    end of the line, without a final period).
+    """
     rewards = []
     for completion, gold in zip(completions, answer, strict=True):
-        text = _text(completion)
+        text, gold = _text(completion), str(gold)
+        value = _number(gold)
+        if value is None:
+            stated = _STATED.search(text)
+            rewards.append(float(stated is not None and stated.group(1).strip().removesuffix(".").strip()
+                                 == gold.strip()))
+            continue
         match = _ANSWER.search(text)
         numbers = [match.group(1)] if match else _NUMBER.findall(text)
-        rewards.append(float(bool(numbers) and int(numbers[-1]) == int(gold)))
+        rewards.append(float(bool(numbers) and _number(numbers[-1]) == value))
     return rewards
 
 

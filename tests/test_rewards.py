@@ -16,6 +16,19 @@ def test_answer_reward_reads_the_final_number_in_both_data_formats():
     assert answer_reward(["x = -3. The answer is -3.", "The answer is 421."], answer=["-3", "42"]) == [1.0, 0.0]
 
 
+def test_answer_reward_compares_exact_numbers_and_non_numeric_answers_as_text():
+    """A decimal is not read as its integer part, a non-integer gold answer does not crash (int("42.5") did), and
+    equal numbers written differently score."""
+    completions = ["The answer is 42.5.", "The answer is 42.", "so 42.50", "The answer is 1,000.", "The answer is 3/4.",
+                   "The answer is -0.5"]
+    gold = ["42.5", "42.5", "42.5", "1000", "3/4", "-1/2"]
+    assert answer_reward(completions, answer=gold) == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert answer_reward(["The answer is 42.5.", "The answer is 42.5."], answer=["42", 42]) == [0.0, 0.0]
+    # A gold answer that is no number is compared as text with what follows "The answer is".
+    assert answer_reward(["The answer is x = 3.", "The answer is x = 4.", "x = 3"], answer=["x = 3"] * 3) == [
+        1.0, 0.0, 0.0]
+
+
 def test_format_and_digit_rewards():
     assert format_reward(["1 + 1 = 2. The answer is 2.", "The answer is 2, since", "The answer is two.", "2"]) == [
         1.0, 1.0, 0.0, 0.0]
