@@ -140,8 +140,9 @@ class SubspaceSchedule:
             factors = self._gradient_factors(engine)
         elif self.mode == "refactor":
             cfg = replace(engine.config, seed=engine.config.seed + engine.step)
-            weights = [upd.full_precision_weight(layer.weight).to(torch.float32)
-                       for layer, upd in zip(engine.layers, engine.updaters)]
+            # In the model dtype: each layer is cast to fp32 inside its own factorisation, so a bf16 model never holds
+            # an fp32 copy of more than one weight at a time (per rank).
+            weights = [upd.full_precision_weight(layer.weight) for layer, upd in zip(engine.layers, engine.updaters)]
             factors = init_factors_per_layer(weights, [layer.r for layer in engine.layers], engine.world_size, cfg,
                                     show_progress=False)
         else:  # rotate: the next window of K·r directions of the initial pool
