@@ -107,6 +107,25 @@ def test_load_data_names_missing_columns_and_files(tmp_path):
         load_data(missing, ("prompt",), "none")
 
 
+def test_test_split_is_the_same_in_every_process():
+    """TRL's get_dataset splits without a seed (one drawn from NumPy's global state, which differs between the processes
+    of a launch): each process trained on another train set in another order, and DPO's precomputed reference values
+    landed on other rows. The recipes split with the training seed: the same split whatever NumPy's state."""
+    import numpy as np
+    from trl import DatasetMixtureConfig
+    from trl.scripts.utils import DatasetConfig
+
+    mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path="json", data_files=str(DATA / "preference_train.jsonl"),
+                                                           split="train")], test_split_size=0.05)
+    splits = []
+    for process_state in (1, 2):
+        np.random.seed(process_state)
+        data = load_data(mixture, ("prompt", "chosen", "rejected"), "none", seed=42)
+        splits.append((data["train"]["prompt"], data["test"]["prompt"]))
+    assert splits[0] == splits[1]
+    assert len(splits[0][1]) == 50 and not set(splits[0][0]) & set(splits[0][1])
+
+
 @pytest.mark.parametrize("script", ["dpo", "grpo"])
 def test_yamls_use_known_keys_and_existing_files(script):
     from trl import DatasetMixtureConfig, DPOConfig, GRPOConfig, ModelConfig
@@ -181,14 +200,20 @@ def test_grpo_demo_mean_reward_rises_and_pushes_two_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["hdpissa", "pissa"])
 def test_dpo_demo_runs_and_reports_margins_two_processes(tmp_path, method):
+    """The demo as shipped (precomputed reference, 2 processes): the first loss is ln 2 with zero margins, since policy
+    = reference at step 0 (it was 1.306 with margins -0.46 when each process split the data with its own seed)."""
+    import math
+
     out = tmp_path / method
     run_recipe("dpo", "recipes/demo/dpo.yaml", out, "--method", method, "--max_steps", "20", "--eval_steps", "10",
-               "--logging_steps", "5", "--eval_tasks", "math=recipes/demo/data_rl/prompts_test.jsonl",
+               "--logging_steps", "1", "--eval_tasks", "math=recipes/demo/data_rl/prompts_test.jsonl",
                "--eval_limit", "4", "--eval_max_new_tokens", "8", "--eval_batch_size", "4")
     logged = history(out)
     train = [h for h in logged if "rewards/margins" in h]
     evals = [h for h in logged if "eval_rewards/margins" in h]
-    assert len(train) == 4 and len(evals) == 2
+    assert len(train) == 20 and len(evals) == 2
+    assert train[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5), train[0]
+    assert train[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     check_plain_model(out)
     card = (out / "README.md").read_text()
     assert "precomputed log-probabilities of the starting model" in card and f"| method | {method} |" in card

@@ -89,8 +89,15 @@ def apply_template(ds: Dataset, template: str) -> Dataset:
                   desc="Chat template")
 
 
-def load_data(dataset_args, columns: tuple[str, ...], template: str) -> DatasetDict:
-    """TRL's dataset mixture, checked for ``columns`` (a clear error naming the dataset), then templated."""
+def load_data(dataset_args, columns: tuple[str, ...], template: str, seed: int = 0) -> DatasetDict:
+    """TRL's dataset mixture, checked for ``columns`` (a clear error naming the dataset), then templated.
+
+    ``test_split_size`` is split here with ``seed``, not by ``get_dataset``: its ``train_test_split`` takes no seed and
+    draws one from NumPy's global state, so every process of a launch held another train set in another order (with
+    precomputed DPO reference log-probabilities, rows got another row's reference value).
+    """
+    import dataclasses
+
     from trl import get_dataset
 
     if not dataset_args.datasets:
@@ -100,7 +107,9 @@ def load_data(dataset_args, columns: tuple[str, ...], template: str) -> DatasetD
                 dc.data_files):
             raise DataError(f"Data file {dc.data_files!r} of dataset {dataset_label(dc)!r} not found (relative paths "
                             f"are resolved from {os.getcwd()}).")
-    dataset = get_dataset(dataset_args)
+    dataset = get_dataset(dataclasses.replace(dataset_args, test_split_size=None))
+    if dataset_args.test_split_size is not None:
+        dataset = dataset["train"].train_test_split(test_size=dataset_args.test_split_size, seed=seed)
     for split, ds in dataset.items():
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
@@ -119,7 +128,7 @@ def run_recipe(trainer_cls, columns: tuple[str, ...], script_args, training_args
     import torch
 
     model_path, gguf = resolve_model(script_args, training_args, model_args)
-    dataset = load_data(dataset_args, columns, script_args.prompt_template)
+    dataset = load_data(dataset_args, columns, script_args.prompt_template, seed=training_args.seed)
     before = evaluate_before(model_path, script_args, training_args)
     trainer = trainer_cls(
         model=model_path,
