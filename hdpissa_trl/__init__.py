@@ -19,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .engine import (
+    FactoredUpdate,
     FoldStats,
     HDPiSSAConfig,
     HDPiSSAEngine,
@@ -27,6 +28,8 @@ from .engine import (
     WeightMismatchError,
     WeightUpdater,
     distributed_init_factors,
+    export_updates,
+    factor_update,
     find_target_modules,
     fold_deltas,
     inject_hdpissa,
@@ -43,6 +46,7 @@ __version__ = "0.1.0"
 # checkpoints import torch.distributed.checkpoint): loaded on first attribute access (PEP 562), so engine-only use
 # stays light.
 _LAZY = {
+    "AdapterExport": "trainer.adapter",
     "HDPiSSASFTTrainer": "trainer.sft_trainer",
     "HDPiSSATrainerMixin": "trainer.mixin",
     "build_peft_config": "trainer.mixin",
@@ -55,6 +59,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .trainer.adapter import AdapterExport
     from .trainer.checkpoint import load_hdpissa_checkpoint
     from .trainer.dpo_trainer import HDPiSSADPOTrainer
     from .trainer.grpo_trainer import HDPiSSAGRPOTrainer
@@ -64,6 +69,8 @@ if TYPE_CHECKING:
     from .trainer.sharded_checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
 __all__ = [
+    "AdapterExport",
+    "FactoredUpdate",
     "FoldStats",
     "HDPiSSAConfig",
     "HDPiSSADPOTrainer",
@@ -78,6 +85,8 @@ __all__ = [
     "WeightUpdater",
     "build_peft_config",
     "distributed_init_factors",
+    "export_updates",
+    "factor_update",
     "find_target_modules",
     "fold_deltas",
     "inject_hdpissa",

@@ -9,7 +9,8 @@ real optimizer step, ``engine.state_dict()`` into checkpoints, ``engine.merged_s
 * :mod:`.subspace`: what happens to the slices between folds; :mod:`.distributed`: the ``torch.distributed`` plumbing;
 * :mod:`.model`: :class:`HDPiSSAEngine` (W replicated); :mod:`.sharded`: :class:`ShardedHDPiSSAEngine` (W sharded
   by rows with FSDP2); :mod:`.inject`: :func:`inject_hdpissa`, which picks one of the two;
-* :mod:`.simulate`: K devices run exactly in one process (benchmarks on a small machine).
+* :mod:`.simulate`: K devices run exactly in one process (benchmarks on a small machine);
+* :mod:`.export`: the run's update ``W_final − W_start`` factored as LoRA ``B·A`` (what ``save_adapter`` writes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from .config import HDPiSSAConfig
 from .consistency import WeightMismatchError, weight_checksums
 from .distributed import shutdown_distributed
+from .export import FactoredUpdate, export_updates, factor_update
 from .fold import FoldStats, fold_deltas
 from .init import distributed_init_factors, top_singular_factors
 from .inject import inject_hdpissa
@@ -26,6 +28,7 @@ from .precision import WeightUpdater, stochastic_round_to_bf16
 from .sharded import ShardedHDPiSSAEngine, shard_model
 
 __all__ = [
+    "FactoredUpdate",
     "FoldStats",
     "HDPiSSAConfig",
     "HDPiSSAEngine",
@@ -34,6 +37,8 @@ __all__ = [
     "WeightMismatchError",
     "WeightUpdater",
     "distributed_init_factors",
+    "export_updates",
+    "factor_update",
     "find_target_modules",
     "fold_deltas",
     "inject_hdpissa",

@@ -95,10 +95,19 @@ class HDPiSSAScriptArguments(ScriptArguments):
     save_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
     )
+    save_adapter: bool = field(
+        default=False,
+        metadata={"help": "HD-PiSSA: also write the run's update as a PEFT LoRA adapter on the starting model "
+                          "(<output_dir>/adapter, rank 2·K·r, its error in the card); pushed to <hub_model_id>-adapter "
+                          "with push_to_hub. See docs/adapter.md."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if self.save_adapter and self.method != "hdpissa":
+            raise ValueError(f"save_adapter exports an HD-PiSSA run's update; method={self.method!r} has none to "
+                             f"export (a LoRA / PiSSA run trains a PEFT adapter already). Drop --save_adapter.")
         if isinstance(self.column_mapping, str):
             try:
                 self.column_mapping = json.loads(self.column_mapping)
@@ -299,9 +308,16 @@ def finish_run(trainer, script_args, training_args, model_args, dataset_args, gg
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)
         trainer.accelerator.print(f"Pushed the merged model and its card to {trainer.hub_model_id}.")
+    adapter = os.path.join(out, "adapter") if script_args.save_adapter else None
+    if adapter:  # after the merged model's push, which uploads output_dir; every rank factors its share of the layers
+        trainer.save_adapter(adapter, model_name=f"{model_name}-adapter", **card)
+        if training_args.push_to_hub:
+            url = trainer.push_adapter_to_hub(path=adapter)
+            trainer.accelerator.print(f"Pushed the adapter: {url}")
     trainer.accelerator.print(
         f"Merged model: {os.path.join(out, 'model.safetensors')}\nModel card:   {os.path.join(out, 'README.md')}\n"
         + (f"Metrics:      {os.path.join(out, 'eval_results.json')}\n" if script_args.eval_tasks else "")
+        + (f"PEFT adapter: {adapter}\n" if adapter else "")
         + f"Train state:  {os.path.join(out, 'trainer_state.json')}"
     )
     # The process group is destroyed before the interpreter exits (PyTorch asks for it; gloo's threads can abort a

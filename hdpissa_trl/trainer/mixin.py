@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from ..engine.config import HDPiSSAConfig
 from ..engine.distributed import is_distributed
+from ..engine.export import weight_samples
 from ..engine.fold import FoldStats
 from ..engine.inject import inject_hdpissa
 from .amp import agree_on_skip
@@ -168,6 +169,8 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             model = shard_like_accelerate(model, self.accelerator, plugin)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
+        # A few thousand entries of every starting W: save_adapter refuses a base checkpoint that is not this one.
+        self._hdpissa_start_samples = weight_samples(self.hdpissa_engine)
         backend = dist.get_backend() if is_distributed() else "none"
         self.accelerator.print(
             f"HD-PiSSA: K={world} devices (torch.distributed world size {world}, backend {backend}), "
@@ -293,6 +296,30 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         update_model_card(os.path.join(out, "README.md"), {**self.hdpissa_card_info(), **(run_info or {})},
                           report=eval_report, before=eval_before, loss_plot=plot,
                           model_name=model_name or os.path.basename(os.path.abspath(out)))
+
+    # -- the update as a PEFT LoRA adapter --------------------------------------------------------------------
+    def save_adapter(self, path: str | None = None, **kwargs):
+        """Write the run's update ``W_final − W_start`` as a PEFT LoRA adapter on the starting model (default path
+        ``<output_dir>/adapter``): ``adapter_config.json``, ``adapter_model.safetensors`` and a card with the relative
+        error of the update per layer and overall. Every rank must call it (layer ``i`` is factored on rank ``i mod
+        K``); returns an :class:`~hdpissa_trl.trainer.adapter.AdapterExport` on rank 0.
+
+        Keyword args: ``base_model`` (where ``W_start`` is read: default the model's ``name_or_path``),
+        ``base_model_name_or_path`` (what the config and card name), ``rank`` (default ``2·K·r`` per layer),
+        ``factorization`` (``"auto"``, ``"exact"``, ``"svd"``), ``dtype``, ``error_warning`` (default 0.05) and the
+        card's ``run_info``, ``eval_report``, ``eval_before``, ``model_name``. See docs/adapter.md.
+        """
+        from .adapter import save_adapter
+
+        return save_adapter(self, path, **kwargs)
+
+    def push_adapter_to_hub(self, repo_id: str | None = None, path: str | None = None, **kwargs) -> str | None:
+        """Upload the adapter :meth:`save_adapter` wrote (default repo: ``<hub_model_id>-adapter``, so it never
+        overwrites the merged model's repo); the token comes from ``token=`` or ``args.hub_token`` and is written
+        nowhere. Returns the commit URL on rank 0."""
+        from .adapter import push_adapter
+
+        return push_adapter(self, repo_id, path, **kwargs)
 
     # -- the saved model --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
