@@ -7,15 +7,19 @@ and models trained elsewhere are measured by the same code. Metrics are local ``
     from evaluation import EvalConfig, evaluate_model
     report = evaluate_model("path/to/model", config=EvalConfig(tasks=["gsm8k", "demo=data/demo.jsonl"], limit=50))
     report = evaluate_model("path/to/model", tasks=["gsm8k"], limit=50)  # the same, fields as keywords
+    # K processes, each its share of the rows; the merged report equals the one-process report:
+    part = evaluate_model("path/to/model", tasks=["gsm8k"], shard_index=k, num_shards=K)
+    report = merge_reports([part_0, ..., part_K_minus_1])
 """
 
 from __future__ import annotations
 
-__all__ = ["EvalConfig", "evaluate_model", "save_report", "TaskSpec", "get_task", "load_metric", "metric_path"]
+__all__ = ["EvalConfig", "evaluate_model", "merge_reports", "save_report", "TaskSpec", "get_task", "load_metric",
+           "metric_path"]
 
 
 def __getattr__(name: str):
-    if name in ("evaluate_model", "save_report"):
+    if name in ("evaluate_model", "merge_reports", "save_report"):
         from . import evaluator
 
         return getattr(evaluator, name)

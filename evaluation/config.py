@@ -34,6 +34,9 @@ class EvalConfig:
             code_timeout, code_workers, code_memory_mb: per-program time limit, parallel programs, memory cap.
         Output:
             show_progress: progress bars; output_path: write the report there (atomically) as JSON.
+        Several processes:
+            shard_index, num_shards: do only this shard's share of the work and return a partial report;
+                :func:`evaluation.merge_reports` of all ``num_shards`` gives the one-process report.
     """
 
     tasks: list[Any] = field(
@@ -72,6 +75,10 @@ class EvalConfig:
     code_memory_mb: int = field(default=2048, metadata={"help": "Memory cap (MiB) of one sandboxed program."})
     show_progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     output_path: str | None = field(default=None, metadata={"help": "Write the JSON report here (atomically)."})
+    shard_index: int = field(default=0, metadata={"help": "This process's shard, 0 .. num_shards - 1."})
+    num_shards: int = field(
+        default=1, metadata={"help": "Split the work over this many processes; each returns a partial report for "
+                                     "evaluation.merge_reports."})
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -87,6 +94,9 @@ class EvalConfig:
         for name in ("batch_size", "max_new_tokens", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"EvalConfig needs 0 <= shard_index < num_shards, got shard_index={self.shard_index!r}, "
+                             f"num_shards={self.num_shards!r}.")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"EvalConfig.limit must be >= 1 (or None for all rows), got {self.limit!r}.")
         self.data_files = dict(self.data_files or {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 
 from .config import EvalConfig
-from .generation import generate, generate_vllm, loglikelihoods, vllm_available
+from .generation import generate, generate_vllm, loglikelihoods, vllm_available, vllm_blocker
 from .metrics import load_metric
+from .metrics.code_pass_at_k.code_pass_at_k import pass_at_k
 from .metrics.code_pass_at_k.sandbox import describe_isolation
 from .tasks import TaskSpec, build_prompt, code_candidate, code_test_program, get_task
 
 DEFAULT_KS = (1, 10, 100)
+logger = logging.getLogger(__name__)
 
 
 def load_model(path: str, dtype: str | None = "auto", device: str | None = None, trust_remote_code: bool = False):
@@ -59,45 +62,64 @@ def _prompts(spec: TaskSpec, rows: list[dict], tokenizer, chat: bool) -> tuple[l
     return [text for text, _ in built], (built[0][1] if built else True)
 
 
-def _eval_math(metric, rows, prompts, generate_fn) -> tuple[dict, list[dict]]:
-    completions = [c[0] for c in generate_fn(prompts, 1)]
-    scored = metric.compute(predictions=completions, references=[r["answer"] for r in rows],
-                                                  return_details=True)
-    samples = [{"id": r["id"], "prompt": p, "completion": c, "gold": d["gold"], "extracted": d["extracted"],
-                "correct": d["correct"]} for r, p, c, d in zip(rows, prompts, completions, scored["details"])]
-    return {"accuracy": scored["accuracy"]}, samples
+def _eval_math(metric, rows, prompts, generate_fn) -> list[tuple[int, dict]]:
+    """``(row index, sample)`` of the rows this process generated (all of them without shards)."""
+    generated = generate_fn(prompts, 1)
+    own = [i for i, comps in enumerate(generated) if comps]
+    completions = [generated[i][0] for i in own]
+    scored = metric.compute(predictions=completions, references=[rows[i]["answer"] for i in own], return_details=True)
+    return [(i, {"id": rows[i]["id"], "prompt": prompts[i], "completion": c, "gold": d["gold"],
+                 "extracted": d["extracted"], "correct": d["correct"]})
+            for i, c, d in zip(own, completions, scored["details"])]
 
 
-def _eval_code(metric, rows, prompts, generate_fn, chat, num_samples, ks, timeout, workers, memory_mb):
-    completions = generate_fn(prompts, num_samples)
-    candidates = [[code_candidate(r, c, chat) for c in comps] for r, comps in zip(rows, completions)]
-    pass_at_k, details = metric.compute(
-        predictions=candidates, references=[code_test_program(r) for r in rows], k=list(ks), num_workers=workers,
-        timeout=timeout, memory_mb=memory_mb)
+def _eval_code(metric, rows, prompts, generate_fn, chat, num_samples, ks, timeout, workers,
+               memory_mb) -> list[tuple[int, dict]]:
+    """``(row index, sample)`` of the rows this process generated; their programs run here, in the sandbox."""
+    generated = generate_fn(prompts, num_samples)
+    own = [i for i, comps in enumerate(generated) if comps]
+    if not own:
+        return []
+    candidates = [[code_candidate(rows[i], c, chat) for c in generated[i]] for i in own]
+    _, details = metric.compute(
+        predictions=candidates, references=[code_test_program(rows[i]) for i in own], k=list(ks),
+        num_workers=workers, timeout=timeout, memory_mb=memory_mb)
     samples = []
-    for i, (r, p, comps) in enumerate(zip(rows, prompts, completions)):
-        outcomes = [res for _, res in sorted(details.get(i, []), key=lambda x: x[0])]
-        samples.append({"id": r["id"], "prompt": p, "completions": comps,
-                        "results": [{"passed": o["passed"], "result": o["result"]} for o in outcomes],
-                        "num_passed": sum(o["passed"] for o in outcomes)})
-    return pass_at_k, samples
+    for j, i in enumerate(own):
+        outcomes = [res for _, res in sorted(details.get(j, []), key=lambda x: x[0])]
+        samples.append((i, {"id": rows[i]["id"], "prompt": prompts[i], "completions": generated[i],
+                            "results": [{"passed": o["passed"], "result": o["result"]} for o in outcomes],
+                            "num_passed": sum(o["passed"] for o in outcomes)}))
+    return samples
 
 
-def _eval_mc(metric, spec, rows, prompts, model, tokenizer, chat, add_special, batch_size, show_progress):
+def _eval_mc(spec, rows, prompts, model, tokenizer, chat, add_special, batch_size, show_progress, shard):
+    """This process's share of the choices' log-likelihoods: ``(rows, requests)`` with ``rows`` the ``(index, id,
+    prompt, choices, label)`` of every row it scored a choice of, ``requests`` the ``(index, loglik, tokens)``."""
     conts = [[c.lstrip() if chat else c for c in r["choices"]] for r in rows]
     requests = [(p, c) for p, cs in zip(prompts, conts) for c in cs]
+    row_of = [i for i, cs in enumerate(conts) for _ in cs]
     flat = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, add_special_tokens=add_special,
-                          show_progress=show_progress, desc=f"{spec.name}: scoring")
+                          show_progress=show_progress, desc=f"{spec.name}: scoring", shard=shard)
+    done = [(j, ll[0], ll[1]) for j, ll in enumerate(flat) if ll is not None]
+    touched = sorted({row_of[j] for j, _, _ in done})
+    return ([(i, {"id": rows[i]["id"], "prompt": prompts[i], "choices": conts[i], "label": int(rows[i]["label"])})
+             for i in touched], done)
+
+
+def _merge_mc(metric, rows: dict[int, dict], requests: dict[int, tuple[float, int]]) -> tuple[dict, list[dict]]:
+    """The task's numbers and samples from every row's choice log-likelihoods (all shards' together)."""
+    ordered = [rows[i] for i in range(len(rows))]
     logliks, pos = [], 0
-    for cs in conts:
-        logliks.append([ll for ll, _ in flat[pos:pos + len(cs)]])
-        pos += len(cs)
-    labels = [int(r["label"]) for r in rows]
+    for r in ordered:
+        logliks.append([requests[pos + j][0] for j in range(len(r["choices"]))])
+        pos += len(r["choices"])
+    labels = [r["label"] for r in ordered]
     plain = metric.compute(predictions=logliks, references=labels, return_details=True)
-    norm = metric.compute(predictions=logliks, references=labels, lengths=[[len(c) for c in cs] for cs in conts])
-    samples = [{"id": r["id"], "prompt": p, "choices": cs, "label": lab, "logliks": ll, "predicted": d["predicted"],
-                "correct": d["correct"]}
-               for r, p, cs, lab, ll, d in zip(rows, prompts, conts, labels, logliks, plain["details"])]
+    norm = metric.compute(predictions=logliks, references=labels,
+                          lengths=[[len(c) for c in r["choices"]] for r in ordered])
+    samples = [{**r, "logliks": ll, "predicted": d["predicted"], "correct": d["correct"]}
+               for r, ll, d in zip(ordered, logliks, plain["details"])]
     return {"accuracy": plain["accuracy"], "accuracy_norm": norm["accuracy"]}, samples
 
 
@@ -127,6 +149,10 @@ def evaluate_model(model_or_path, tokenizer=None, config: EvalConfig | Sequence[
     ``metric``/``value`` is the headline number (``accuracy`` or ``pass@1``) and ``metrics`` holds all of them.
     Code tasks need ``HF_ALLOW_CODE_EVAL=1``. A model or tokenizer that needs custom code is refused unless
     ``trust_remote_code=True``.
+
+    With ``num_shards=K`` (K processes, each with its ``shard_index``) the call does only that shard's share of the
+    work (generation, log-likelihoods, code execution) and returns a *partial* report; :func:`merge_reports` of all K
+    gives the report of a one-process call on the same rows.
     """
     if isinstance(config, EvalConfig):
         cfg = dataclasses.replace(config, **settings) if settings else config
@@ -148,10 +174,9 @@ def evaluate_model(model_or_path, tokenizer=None, config: EvalConfig | Sequence[
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.backend == "vllm" and not (is_path and vllm_available()):
-        raise RuntimeError("backend='vllm' needs the vllm package, a CUDA device and a model path")
-    use_vllm = is_path and cfg.backend != "transformers" and vllm_available()
+    use_vllm = _use_vllm(cfg.backend, is_path)
     state: dict = {"hf": None if is_path else model_or_path, "llm": None}
+    shard = (cfg.shard_index, cfg.num_shards)
 
     def hf_model():
         if state["hf"] is None:
@@ -167,7 +192,7 @@ def evaluate_model(model_or_path, tokenizer=None, config: EvalConfig | Sequence[
         rows = spec.load(cfg.limit)
         prepared.append((spec, rows, *_prompts(spec, rows, tokenizer, cfg.chat)))
 
-    results, samples = {}, {}
+    tasks = {}
     for spec, rows, prompts, add_special in prepared:
         stop = () if chat_used else spec.stop
         new_tokens = spec.max_new_tokens or cfg.max_new_tokens
@@ -181,45 +206,117 @@ def evaluate_model(model_or_path, tokenizer=None, config: EvalConfig | Sequence[
                     from vllm import LLM
 
                     state["llm"] = LLM(model=path, dtype=cfg.dtype or "auto", seed=cfg.seed)
-                return generate_vllm(state["llm"], texts, new_tokens, n, cfg.temperature, cfg.top_p, stop, cfg.seed)
+                own = [i for i in range(len(texts)) if i % shard[1] == shard[0]]  # vLLM batches by itself
+                outs = generate_vllm(state["llm"], [texts[i] for i in own], new_tokens, n, cfg.temperature,
+                                     cfg.top_p, stop, cfg.seed)
+                out: list[list[str]] = [[] for _ in texts]
+                for i, o in zip(own, outs):
+                    out[i] = o
+                return out
             return generate(hf_model(), tokenizer, texts, max_new_tokens=new_tokens, batch_size=cfg.batch_size,
                             num_samples=n, temperature=cfg.temperature, top_p=cfg.top_p, stop=stop,
                             add_special_tokens=add_special, show_progress=cfg.show_progress,
-                            desc=f"{spec.name}: generating")
+                            desc=f"{spec.name}: generating", shard=shard, seed=cfg.seed)
 
-        if spec.type == "math":
-            task_metrics, task_samples = _eval_math(metric, rows, prompts, generate_fn)
-            headline = "accuracy"
-        elif spec.type == "code":
-            ks = [kk for kk in (cfg.k or DEFAULT_KS) if kk <= cfg.num_samples] or [1]
-            task_metrics, task_samples = _eval_code(metric, rows, prompts, generate_fn, chat_used, cfg.num_samples,
-                                                    ks, cfg.code_timeout, cfg.code_workers, cfg.code_memory_mb)
-            headline = "pass@1"
-        else:
-            task_metrics, task_samples = _eval_mc(metric, spec, rows, prompts, hf_model(), tokenizer, chat_used,
-                                                  add_special, cfg.batch_size, cfg.show_progress)
-            headline = "accuracy"
         dataset = spec.dataset if not spec.data_files else str(spec.data_files)
-        results[spec.name] = {"metric": headline, "value": float(task_metrics.get(headline, 0.0)), "n": len(rows),
-                              "dataset": dataset, "split": spec.split, "type": spec.type,
-                              "num_fewshot": spec.num_fewshot, "metrics": task_metrics}
-        if spec.type == "code":  # provenance: which sandbox layers were active for these numbers
-            results[spec.name]["sandbox"] = describe_isolation()
-        samples[spec.name] = task_samples
+        task = {"type": spec.type, "n": len(rows), "dataset": dataset, "split": spec.split,
+                "num_fewshot": spec.num_fewshot, "requests": None}
+        if spec.type == "math":
+            task["rows"] = _eval_math(metric, rows, prompts, generate_fn)
+        elif spec.type == "code":
+            task["ks"] = [kk for kk in (cfg.k or DEFAULT_KS) if kk <= cfg.num_samples] or [1]
+            task["rows"] = _eval_code(metric, rows, prompts, generate_fn, chat_used, cfg.num_samples, task["ks"],
+                                      cfg.code_timeout, cfg.code_workers, cfg.code_memory_mb)
+            task["sandbox"] = describe_isolation()  # provenance: which sandbox layers were active for these numbers
+        else:
+            task["rows"], task["requests"] = _eval_mc(spec, rows, prompts, hf_model(), tokenizer, chat_used,
+                                                      add_special, cfg.batch_size, cfg.show_progress, shard)
+        tasks[spec.name] = task
 
-    report = {
+    partial = {
         "model": path or type(model_or_path).__name__,
         "config": {"tasks": [s.name for s in specs], "limit": cfg.limit, "batch_size": cfg.batch_size,
                    "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
                    "temperature": cfg.temperature, "top_p": cfg.top_p, "chat": chat_used,
                    "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "backend": "vllm" if use_vllm else "transformers",
                    "seconds": round(time.time() - started, 2)},
-        "results": results,
-        "samples": samples,
+        "shard": {"index": cfg.shard_index, "count": cfg.num_shards},
+        "tasks": tasks,
     }
+    report = merge_reports([partial]) if cfg.num_shards == 1 else partial
     if cfg.output_path:
         save_report(report, cfg.output_path)
     return report
+
+
+def merge_reports(parts: Sequence[dict]) -> dict:
+    """The report of one evaluation from the partial reports of all its shards (``evaluate_model`` with
+    ``num_shards=K``, ``shard_index`` 0..K-1, in any order): equal to a one-process call's report on the same rows.
+
+    Each shard computed its rows exactly as one process would (the same batches, see
+    :func:`evaluation.generation.batch_plan`); here the rows are put back in order and every task's numbers are
+    computed from all of them: math accuracy is the fraction of rows the metric judged correct, pass@k the code
+    metric's own aggregate of the per-row counts, multiple choice the metric run on all rows' log-likelihoods.
+    ``config.seconds`` is the slowest shard's time.
+    """
+    if not parts:
+        raise ValueError("merge_reports needs at least one partial report (evaluate_model with num_shards > 1).")
+    count = parts[0]["shard"]["count"]
+    got = sorted(p["shard"]["index"] for p in parts)
+    if got != list(range(count)) or any(p["shard"]["count"] != count for p in parts):
+        raise ValueError(f"merge_reports needs the partial reports of shards 0..{count - 1} of one evaluation once "
+                         f"each; got shards {got} (of {sorted({p['shard']['count'] for p in parts})}).")
+    same = [{k: v for k, v in p["config"].items() if k != "seconds"} for p in parts]
+    if any(c != same[0] for c in same) or len({p["model"] for p in parts}) > 1:
+        raise ValueError("merge_reports got partial reports of different evaluations (model or settings differ).")
+    results, samples = {}, {}
+    for name, first in parts[0]["tasks"].items():
+        rows: dict[int, dict] = {}
+        requests: dict[int, tuple[float, int]] = {}
+        for p in parts:
+            rows.update((int(i), s) for i, s in p["tasks"][name]["rows"])
+            requests.update((int(j), (ll, n)) for j, ll, n in p["tasks"][name]["requests"] or ())
+        if sorted(rows) != list(range(first["n"])):
+            raise ValueError(f"merge_reports: task {name!r} has {len(rows)} of its {first['n']} rows in these "
+                             f"partial reports.")
+        if first["type"] == "mc":
+            task_metrics, task_samples = _merge_mc(load_metric("multiple_choice"), rows, requests)
+            headline = "accuracy"
+        else:
+            task_samples = [rows[i] for i in range(first["n"])]
+            if first["type"] == "math":  # the math metric's accuracy: the fraction of rows it judged correct
+                correct = sum(s["correct"] for s in task_samples)
+                task_metrics = {"accuracy": float(correct / len(task_samples) if task_samples else 0.0)}
+                headline = "accuracy"
+            else:
+                task_metrics = pass_at_k([len(s["completions"]) for s in task_samples],
+                                         [s["num_passed"] for s in task_samples], first["ks"])
+                headline = "pass@1"
+        results[name] = {"metric": headline, "value": float(task_metrics.get(headline, 0.0)), "n": first["n"],
+                         "dataset": first["dataset"], "split": first["split"], "type": first["type"],
+                         "num_fewshot": first["num_fewshot"], "metrics": task_metrics}
+        if "sandbox" in first:
+            results[name]["sandbox"] = first["sandbox"]
+        samples[name] = task_samples
+    config = {**parts[0]["config"], "seconds": max(p["config"]["seconds"] for p in parts)}
+    return {"model": parts[0]["model"], "config": config, "results": results, "samples": samples}
+
+
+def _use_vllm(backend: str, is_path: bool) -> bool:
+    """Whether to generate with vLLM: never while this process trains or holds a GPU (see :func:`vllm_blocker`)."""
+    if backend == "transformers" or not is_path or not vllm_available():
+        if backend == "vllm":
+            raise RuntimeError("backend='vllm' needs the vllm package, a CUDA device and a model path")
+        return False
+    reason = vllm_blocker()
+    if reason is not None:
+        if backend == "vllm":
+            raise RuntimeError(f"backend='vllm' refused: {reason}. vLLM reserves most of a GPU's memory for its own "
+                               f"engine; evaluate the saved model in its own process once training has ended "
+                               f"(python -m evaluation.run --backend vllm --model DIR), or use backend='transformers'.")
+        logger.warning("Evaluating with transformers, not vLLM: %s.", reason)
+        return False
+    return True
 
 
 def summary_table(report: dict, print_fn: Callable[[str], None] = print) -> None:

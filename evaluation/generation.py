@@ -7,6 +7,10 @@ truncated at the first one: transformers' built-in ``stop_strings`` also match a
 prompt (a prompt ending in a newline, then ``#`` generated, is ``"\n#"``: a code completion would end at once), so a
 small criterion of our own looks at the generated tokens only. An optional vLLM backend is used only when ``vllm``
 is importable and CUDA is available.
+
+Sharding (``shard=(index, count)``): K processes each run every K-th batch of the one-process batch plan
+(:func:`batch_plan`), so each item is padded, batched and (with sampling) seeded exactly as one process would do it,
+and the shares together give the one-process outputs.
 """
 
 from __future__ import annotations
@@ -75,17 +79,38 @@ def _pad(tokenizer, batch: list[list[int]], side: str, device) -> tuple[torch.Te
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def batch_plan(lengths: Sequence[int], batch_size: int, shard: tuple[int, int] = (0, 1)) -> list[tuple[int, list[int]]]:
+    """The batches ``(number, item indices)`` that shard ``index`` of ``count`` runs.
+
+    Items are sorted by length, longest first (stable, so ties keep their order), cut into batches of ``batch_size``,
+    and batch ``b`` goes to shard ``b % count``: every shard's batches are batches of the one-process plan, with the
+    same items and the same padding.
+    """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}), got {index}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [(number, items) for number, items in enumerate(batches) if number % count == index]
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
              num_samples: int = 1, temperature: float = 0.8, top_p: float = 0.95, stop: Sequence[str] = (),
-             add_special_tokens: bool = True, show_progress: bool = True, desc: str = "generating") -> list[list[str]]:
-    """``num_samples`` completions per prompt (greedy when 1, sampling otherwise), truncated at ``stop``."""
+             add_special_tokens: bool = True, show_progress: bool = True, desc: str = "generating",
+             shard: tuple[int, int] = (0, 1), seed: int | None = None) -> list[list[str]]:
+    """``num_samples`` completions per prompt (greedy when 1, sampling otherwise), truncated at ``stop``.
+
+    With ``shard=(index, count)`` only that shard's batches are generated; the other prompts get ``[]``. With sampling
+    and a ``seed``, batch ``b`` is drawn after ``torch.manual_seed(seed + b)``, so a prompt's samples do not depend on
+    how many shards there are.
+    """
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer, model)
     padder = _with_pad_token(tokenizer, pad_id)
     limit = max(1, _max_length(model, tokenizer) - max_new_tokens)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"][-limit:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    plan = batch_plan([len(e) for e in encoded], batch_size, shard)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
     sampling = num_samples > 1
@@ -96,8 +121,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
-            index = order[start:start + batch_size]
+        for number, index in tqdm(plan, desc=desc, disable=not show_progress, unit="batch"):
+            if sampling and seed is not None:
+                torch.manual_seed(seed + number)
             input_ids, attention_mask = _pad(padder, [encoded[i] for i in index], "left", device)
             criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, input_ids.shape[1])]) if stop else None
             generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
@@ -131,8 +157,10 @@ def _split_continuation(tokenizer, context: str, continuation: str, add_special_
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
                    add_special_tokens: bool = True, show_progress: bool = True,
-                   desc: str = "scoring choices") -> list[tuple[float, int]]:
-    """``(sum of log p(continuation tokens | context), number of continuation tokens)`` per request."""
+                   desc: str = "scoring choices", shard: tuple[int, int] = (0, 1)) -> list[tuple[float, int] | None]:
+    """``(sum of log p(continuation tokens | context), number of continuation tokens)`` per request.
+
+    With ``shard=(index, count)`` only that shard's batches are scored; the other requests get ``None``."""
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer, model)
     padder = _with_pad_token(tokenizer, pad_id)
@@ -143,13 +171,12 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
         if not ctx:  # the first continuation token needs something to be predicted from
             ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id]
         items.append(((ctx + cont)[-limit:], min(len(cont), limit - 1)))
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    plan = batch_plan([len(ids) for ids, _ in items], batch_size, shard)
+    results: list[tuple[float, int] | None] = [None] * len(items)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, unit="batch"):
-            index = order[start:start + batch_size]
+        for _, index in tqdm(plan, desc=desc, disable=not show_progress, unit="batch"):
             # Right padding: positions stay 0..len-1 without position_ids.
             input_ids, attention_mask = _pad(padder, [items[i][0] for i in index], "right", device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -170,6 +197,27 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
 def vllm_available() -> bool:
     """vLLM is used only when installed *and* a CUDA device exists (never installed by this project)."""
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def vllm_blocker() -> str | None:
+    """Why vLLM must not start in this process now, or ``None``.
+
+    The rule: vLLM never starts in a process that trains or holds GPU memory. Its ``LLM`` reserves most of a GPU
+    (``gpu_memory_utilization``, 90 % by default) and brings up its own distributed state, so inside a training run
+    (a ``torch.distributed`` process group is up) or next to a loaded model it would take the memory training holds.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return ("a torch.distributed process group is up in this process (a training run), and vLLM would start its "
+                "own engine on a GPU the run holds")
+    if torch.cuda.is_initialized():
+        held = {i: torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())}
+        held = {i: b for i, b in held.items() if b}
+        if held:
+            where = ", ".join(f"{b / 2**30:.1f} GiB on cuda:{i}" for i, b in held.items())
+            return f"this process already holds GPU memory ({where}: a model being trained or evaluated)"
+    return None
 
 
 def generate_vllm(llm, prompts: Sequence[str], max_new_tokens: int = 256, num_samples: int = 1,

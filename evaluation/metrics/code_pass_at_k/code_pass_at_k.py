@@ -69,6 +69,15 @@ def estimate_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(num_samples - num_correct + 1, num_samples + 1)))
 
 
+def pass_at_k(num_samples: list[int], num_correct: list[int], ks: list[int]) -> dict[str, float]:
+    """``{"pass@k": mean over tasks of the unbiased estimate}`` for each k that every task has samples for.
+
+    The metric's aggregate, also used to combine per-task counts scored in several processes."""
+    total, correct = np.array(num_samples), np.array(num_correct)
+    return {f"pass@{kk}": float(np.mean([estimate_pass_at_k(n, c, kk) for n, c in zip(total, correct)]))
+            for kk in ks if len(total) and (total >= kk).all()}
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class CodePassAtK(evaluate.Metric):
     """``evaluate`` front-end of the sandbox: fan candidates out to workers, aggregate pass@k."""
@@ -96,8 +105,6 @@ class CodePassAtK(evaluate.Metric):
             outcomes = pool.map(lambda job: run_program(job[2], timeout=timeout, memory_mb=memory_mb), jobs)
             for (task, cand, _), outcome in zip(jobs, outcomes):
                 results[task].append((cand, {"task_id": task, "completion_id": cand, **outcome}))
-        total = np.array([len(c) for c in predictions])
-        correct = np.array([sum(r["passed"] for _, r in results[task]) for task in range(len(predictions))])
-        pass_at_k = {f"pass@{kk}": float(np.mean([estimate_pass_at_k(n, c, kk) for n, c in zip(total, correct)]))
-                     for kk in ks if len(total) and (total >= kk).all()}
-        return pass_at_k, dict(results)
+        total = [len(c) for c in predictions]
+        correct = [sum(r["passed"] for _, r in results[task]) for task in range(len(predictions))]
+        return pass_at_k(total, correct, ks), dict(results)
