@@ -132,6 +132,45 @@ def test_demo_score_rises_from_base_to_trained(tmp_path):
     assert after["text"] > before["text"]
 
 
+EVAL_ROWS = ["--eval_tasks", "math=recipes/demo/data/math_test.jsonl", "text=recipes/demo/data/text_test.jsonl",
+             "--eval_limit", "50", "--eval_max_new_tokens", "128", "--eval_batch_size", "8"]
+
+
+@pytest.mark.slow
+def test_no_process_waits_in_a_collective_while_another_evaluates(tmp_path):
+    """2 processes, `--ddp_timeout 8`, an evaluation of 100 rows (50 math prompts, 128 new tokens each; 50 multiple
+    choice) that takes one process longer than that, before and after training. Every process scores its share of the
+    rows and the shares are exchanged in a group of their own, so the run passes; eval_results.json (the trained
+    model's report and the base model's under "before") and the card equal a one-process evaluation of the same rows.
+
+    Before: rank 0 evaluated alone while rank 1 waited in `wait_for_everyone` and died with "Timed out waiting
+    8000ms for recv operation to complete" (on NCCL the watchdog kills the job once the wait passes ddp_timeout)."""
+    import torch
+
+    from evaluation import evaluate_model
+
+    out, base = tmp_path / "run", tmp_path / "tiny"
+    proc = contract(out, "--model_name_or_path", str(base), "--max_steps", "2", "--save_strategy", "no",
+                    "--ddp_timeout", "8", *EVAL_ROWS)
+    assert proc.stdout.count("2 process(es) each scoring its share of the rows") == 2
+    report = json.loads((out / "eval_results.json").read_text())
+    before = report.pop("before")
+
+    torch.set_num_threads(1)  # as the launched processes: the same kernels, the same bits
+    settings = dict(tasks=EVAL_ROWS[1:3], limit=50, max_new_tokens=128, batch_size=8, show_progress=False,
+                    device="cpu")
+    one_after = evaluate_model(str(out), dtype="auto", **settings)
+    one_before = evaluate_model(str(base), dtype="float32", **settings)
+    for got, want in ((report, one_after), (before, one_before)):
+        want = json.loads(json.dumps(want, default=str))
+        assert got["config"].pop("seconds") > 0 and want["config"].pop("seconds") > 0
+        assert got == want
+    assert len(report["samples"]["math"]) == 50 and len(report["samples"]["text"]) == 50
+    card = (out / "README.md").read_text()
+    for name in ("math", "text"):  # the card's model-index carries the same numbers
+        assert f"value: {report['results'][name]['value']}" in card, name
+
+
 # -- build_tiny_model never touches a model the user named ---------------------------------------------------------
 
 def snapshot(root) -> dict[str, bytes]:

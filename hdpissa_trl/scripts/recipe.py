@@ -7,6 +7,9 @@ building the HD-PiSSA config from TRL's ``ModelConfig`` LoRA fields, and writing
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
 import importlib.util
 import json
 import logging
@@ -20,7 +23,7 @@ from typing import Any
 from trl import ScriptArguments
 
 from ..engine.config import HDPiSSAConfig
-from ..engine.distributed import shutdown_distributed
+from ..engine.distributed import is_distributed, shutdown_distributed
 from ..trainer.mixin import METHODS
 from .data import dataset_label
 
@@ -56,6 +59,11 @@ class HDPiSSAScriptArguments(ScriptArguments):
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget per evaluation example."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of evaluation generation."})
     eval_chat: bool = field(default=False, metadata={"help": "Format evaluation prompts with the chat template."})
+    eval_timeout: float = field(
+        default=6 * 3600.0,
+        metadata={"help": "Seconds a process waits for the others' shares of an evaluation (every process scores its "
+                          "share of the rows, exchanged in a gloo group of their own: ddp_timeout does not apply)."},
+    )
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "Demo only: create a tiny random model + tokenizer offline at model_name_or_path if missing."},
@@ -239,16 +247,86 @@ def _looks_like_hub_id(name: str) -> bool:
     return True
 
 
-def evaluate(model_or_dir, tokenizer, script_args, desc: str, dtype: str, trust_remote_code: bool = False):
-    """Score ``model_or_dir`` (loaded in ``dtype``) on the configured tasks (main process only); None without tasks."""
+@contextlib.contextmanager
+def evaluation_group(script_args):
+    """A gloo group of all processes for the evaluation's exchanges, with its own timeout (``eval_timeout``); ``None``
+    without evaluation tasks or in a one-process run.
+
+    Enter it where every process is anyway (before the data, right after training), so creating it waits on nobody.
+    Why a group of its own: a process that finished its share waits for the slowest one, and that wait must not be
+    bounded by the training group's ``ddp_timeout`` (on NCCL its watchdog kills the job; DESIGN §3d).
+    """
+    if not script_args.eval_tasks or not is_distributed():
+        yield None
+        return
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=script_args.eval_timeout))
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _readable(model_dir: str) -> bool:
+    """Whether this process can load ``model_dir``: a Hub id, or a local directory holding a model."""
+    local = os.path.exists(model_dir) or model_dir.startswith((os.sep, ".", "~"))
+    return not local or os.path.isfile(os.path.join(os.path.expanduser(model_dir), "config.json"))
+
+
+def evaluate(model_dir: str, tokenizer, script_args, desc: str, dtype: str, training_args, group=None) -> dict | None:
+    """Score the model at ``model_dir`` (loaded in ``dtype``) on the configured tasks; the report on the main process,
+    ``None`` on the others and without tasks.
+
+    Every process that can read ``model_dir`` scores its share of the rows on its own device (the shares are batches
+    of the one-process batch plan), the shares are gathered on the main process through ``group`` (see
+    :func:`evaluation_group`) and merged: the report equals a one-process evaluation of the same rows, K times sooner,
+    and no process sits in a collective of the training group while another evaluates. Generation uses transformers:
+    vLLM would reserve most of a GPU that this run's training holds (score the saved model with vLLM afterwards:
+    ``python -m evaluation.run --backend vllm``).
+    """
     if not script_args.eval_tasks:
         return None
-    from evaluation import evaluate_model
+    import torch
 
-    print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit})")
-    return evaluate_model(model_or_dir, tokenizer, tasks=script_args.eval_tasks, limit=script_args.eval_limit,
-                          batch_size=script_args.eval_batch_size, max_new_tokens=script_args.eval_max_new_tokens,
-                          chat=script_args.eval_chat, dtype=dtype, trust_remote_code=trust_remote_code)
+    from evaluation import EvalConfig, evaluate_model, merge_reports
+
+    if group is None:
+        world, rank, readers = 1, 0, [0]
+    else:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        dist.barrier(group=group)  # the main process has written the model before anyone reads it
+        flags: list = [None] * world
+        dist.all_gather_object(flags, _readable(model_dir), group=group)
+        readers = [r for r, ok in enumerate(flags) if ok]
+    if rank == 0:
+        print(f"Evaluating the {desc} model on {', '.join(script_args.eval_tasks)} (limit {script_args.eval_limit}), "
+              f"{len(readers)} process(es) each scoring its share of the rows")
+        if len(readers) < world:
+            logger.warning("Processes %s cannot read %s (storage per machine?): the other processes score all rows.",
+                           sorted(set(range(world)) - set(readers)), model_dir)
+    part = None
+    if rank in readers:
+        config = EvalConfig(
+            tasks=script_args.eval_tasks, limit=script_args.eval_limit, batch_size=script_args.eval_batch_size,
+            max_new_tokens=script_args.eval_max_new_tokens, chat=script_args.eval_chat, dtype=dtype,
+            device=str(training_args.device), backend="transformers",
+            trust_remote_code=training_args.trust_remote_code, show_progress=rank == 0,
+            shard_index=readers.index(rank), num_shards=len(readers))
+        part = evaluate_model(model_dir, tokenizer, config)
+    if group is not None:
+        import torch.distributed as dist
+
+        parts: list | None = [None] * world if rank == 0 else None
+        dist.gather_object(part, parts, dst=dist.get_global_rank(group, 0), group=group)
+        part = None if rank != 0 else (
+            merge_reports([p for p in parts if p is not None]) if len(readers) > 1 else parts[readers[0]])
+    gc.collect()  # the evaluation's copy of the model goes before training (or saving) goes on
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return part
 
 
 def resolve_model(script_args, training_args, model_args) -> tuple[str, dict | None]:
@@ -266,13 +344,15 @@ def resolve_model(script_args, training_args, model_args) -> tuple[str, dict | N
 
 
 def evaluate_before(model_path: str, script_args, training_args) -> dict | None:
-    """The base model's scores (fp32, main process), for the before/after table; None when not configured."""
-    if training_args.process_index != 0 or not (script_args.eval_tasks and script_args.eval_before):
+    """The base model's scores (fp32), for the before/after table: every process scores its share (see
+    :func:`evaluate`), the main process gets the report; None elsewhere and when not configured."""
+    if not (script_args.eval_tasks and script_args.eval_before):
         return None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
-    return evaluate(model_path, tokenizer, script_args, "base", "float32", training_args.trust_remote_code)
+    with evaluation_group(script_args) as group:
+        return evaluate(model_path, tokenizer, script_args, "base", "float32", training_args, group)
 
 
 def finish_run(trainer, script_args, training_args, model_args, dataset_args, gguf: dict | None,
@@ -283,27 +363,34 @@ def finish_run(trainer, script_args, training_args, model_args, dataset_args, gg
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
     out = training_args.output_dir
-    trainer.save_model(out)
-    trainer.save_state()
-    card: dict[str, Any] = {"run_info": {
-        "base model": model_args.model_name_or_path,
-        "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
-        if gguf else None,
-        "prompt template": script_args.prompt_template,
-        "datasets": [dataset_label(d) for d in dataset_args.datasets],
-        **(extra_info or {}),
-    }}
-    if training_args.process_index == 0 and script_args.eval_tasks:
-        from evaluation import save_report
+    # The run's side work (save, evaluation, report, card) in a group of its own, made here where training has just
+    # brought every process together: the others wait for the main process's share of it with eval_timeout, never in a
+    # collective bounded by ddp_timeout (DESIGN §3d).
+    with evaluation_group(script_args) as group:
+        trainer.save_model(out)
+        trainer.save_state()
+        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto", training_args, group)
+        card: dict[str, Any] = {"run_info": {
+            "base model": model_args.model_name_or_path,
+            "GGUF source": f"{gguf['gguf_file']} ({gguf.get('quantization')}, sha256 {gguf['sha256'][:12]})"
+            if gguf else None,
+            "prompt template": script_args.prompt_template,
+            "datasets": [dataset_label(d) for d in dataset_args.datasets],
+            **(extra_info or {}),
+        }}
+        if after is not None:  # the main process
+            from evaluation import save_report
 
-        after = evaluate(out, trainer.processing_class, script_args, "fine-tuned", "auto",
-                         training_args.trust_remote_code)
-        after["before"] = before
-        save_report(after, os.path.join(out, "eval_results.json"))
-        card.update(eval_report=after, eval_before=before)
-    model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
-        os.path.abspath(out))
-    trainer.create_model_card(model_name=model_name, **card)
+            after["before"] = before
+            save_report(after, os.path.join(out, "eval_results.json"))
+            card.update(eval_report=after, eval_before=before)
+        model_name = training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else os.path.basename(
+            os.path.abspath(out))
+        trainer.create_model_card(model_name=model_name, **card)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=group)  # the card is written before anyone goes on
     trainer.accelerator.wait_for_everyone()
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)
