@@ -57,14 +57,15 @@ def runs(tmp_path_factory):
     from mini_hub import run_mini_hub
 
     base = tmp_path_factory.mktemp("fsdp")
-    rep = launch("recipes/accelerate_configs/cpu.yaml", base / "replicated")
+    rep = launch("recipes/accelerate_configs/cpu.yaml", base / "replicated", "--save_adapter", "true")
     with run_mini_hub(token=TOKEN) as hub:
         env = hub.client_env(base / "hf_home", child_env())  # the token only in the arguments
         # Also with transformers' gradient checkpointing: it must not change W.
         shd = launch("recipes/accelerate_configs/cpu_fsdp2.yaml", base / "sharded", "--push_to_hub", "true",
                      "--hub_model_id", "test-user/hd-fsdp2", "--hub_token", TOKEN, "--gradient_checkpointing", "true",
-                     env=env)
+                     "--save_adapter", "true", env=env)
         shd.pushed = hub.repo_files("test-user/hd-fsdp2")
+        shd.pushed_adapter = hub.repo_files("test-user/hd-fsdp2-adapter")
         hub.check()  # the client used no call the server does not answer
     return base, rep, shd
 
@@ -103,6 +104,26 @@ def test_fsdp2_push_to_hub_pushes_the_merged_model(runs, tmp_path):
             pushed.update(load_file(str(path)))
     local = weights(base / "sharded")
     assert sorted(pushed) == sorted(local) and all(torch.equal(pushed[k], local[k]) for k in local)
+
+
+@pytest.mark.slow
+def test_fsdp2_adapter_equals_replicated_and_is_pushed(runs):
+    """--save_adapter with W sharded (each layer's rows gathered on its owner rank, one layer at a time) writes the
+    replicated run's adapter, and push_to_hub sends it to <hub_model_id>-adapter (the merged model's repo keeps none)."""
+    from safetensors.torch import load_file
+
+    base, _, proc = runs
+    rep, shd = (load_file(str(base / run / "adapter" / "adapter_model.safetensors")) for run in ("replicated", "sharded"))
+    assert sorted(rep) == sorted(shd) and rep
+    for layer in {k.rsplit(".lora_", 1)[0] for k in rep}:
+        ba_rep, ba_shd = (t[f"{layer}.lora_B.weight"].double() @ t[f"{layer}.lora_A.weight"].double() for t in (rep, shd))
+        assert ((ba_shd - ba_rep).norm() / ba_rep.norm()).item() <= 1e-5, layer
+    config = json.loads((base / "sharded" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config == json.loads((base / "replicated" / "adapter" / "adapter_config.json").read_text())
+    assert not any(f.startswith("adapter/") for f in proc.pushed)
+    assert set(proc.pushed_adapter) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    for name, data in proc.pushed_adapter.items():
+        assert data == (base / "sharded" / "adapter" / name).read_bytes() and TOKEN.encode() not in data
 
 
 # -- several machines, on one host -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ and takes each module's rank from its tensors).
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -266,6 +267,14 @@ def _write(path: str, updates: dict, result: AdapterExport, task_type: str | Non
     try:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
+        # PEFT keeps target_modules as a set (written in hash order, another order every process): sort it, so the
+        # same adapter gives the same file.
+        config_path = os.path.join(tmp, "adapter_config.json")
+        with open(config_path) as f:
+            written = json.load(f)
+        written["target_modules"] = sorted(written["target_modules"])
+        with open(config_path, "w") as f:
+            json.dump(written, f, indent=2, sort_keys=True)
         for f in ("adapter_model.safetensors", "adapter_config.json"):
             os.replace(os.path.join(tmp, f), os.path.join(path, f))
     finally:
