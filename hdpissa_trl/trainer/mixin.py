@@ -37,7 +37,7 @@ from ..engine.inject import inject_hdpissa
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
 from .fsdp import requested_fsdp_plugin, shard_like_accelerate
-from .parallel import check_parallelism
+from .parallel import check_model_on_device, check_parallelism, load_whole_model_per_process
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if self.method == "hdpissa":
             training_args = given.get("args")
             check_parallelism(training_args, given.get("model"), getattr(training_args, "world_size", 1))
+            load_whole_model_per_process(training_args, given.get("model"))  # FSDP: not TRL's device_map="auto"
         super().__init__(*args, **kwargs)
         self._hdpissa_setup()
 
@@ -167,6 +168,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             # W sharded by rows: shard the frozen model as accelerate's FSDP2 would, THEN create the adapters, so
             # FSDP never manages them (no reduce-scatter of their gradients, no broadcast of rank 0's slices).
             model = shard_like_accelerate(model, self.accelerator, plugin)
+        check_model_on_device(model, dist.get_backend() if is_distributed() else None)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
         # A few thousand entries of every starting W: save_adapter refuses a base checkpoint that is not this one.

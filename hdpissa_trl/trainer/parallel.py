@@ -8,8 +8,9 @@ HD-PiSSA needs per-device adapters that are never averaged or broadcast. Two set
 
 Everything else would silently destroy the method or fail with an unrelated message, and is refused here with the
 setting to change: DeepSpeed (every ZeRO stage averages the adapter gradients; ZeRO-3's partitions are flat chunks,
-not rows of W), FSDP1 (flat, non-row-aligned shards), a ``device_map`` splitting the model with K > 1, and
-``bf16_full_eval``/``fp16_full_eval``.
+not rows of W), FSDP1 (flat, non-row-aligned shards), a ``device_map`` splitting the model with K > 1,
+``bf16_full_eval``/``fp16_full_eval``, several GPUs visible to one process without a launcher (``nn.DataParallel``),
+and a model on the CPU when the processes talk over NCCL.
 """
 
 from __future__ import annotations
@@ -71,6 +72,65 @@ def requested_fsdp_version(args) -> int | None:
     return None
 
 
+ONE_PROCESS_PER_GPU = ("Start one process per GPU instead: `accelerate launch --num_processes N script.py` (each "
+                      "process then owns its own slice of the singular directions), or make one GPU visible "
+                      "(CUDA_VISIBLE_DEVICES=0).")
+
+
+def _split_on_purpose(args, model) -> bool:
+    """Whether one process is to hold a model split over several devices by a ``device_map`` the user chose."""
+    if isinstance(model, str):  # not loaded yet: only an explicit device_map counts (TRL would pick "auto" itself)
+        return (getattr(args, "model_init_kwargs", None) or {}).get("device_map") is not None
+    device_map = getattr(model, "hf_device_map", None)
+    return isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1
+
+
+def check_one_process_per_gpu(args, model=None) -> None:
+    """Refuse several GPUs visible to one process started without a launcher.
+
+    transformers then wraps the model in ``nn.DataParallel`` (``args.n_gpu > 1``; a model given by name would be split
+    over the GPUs by TRL's ``device_map="auto"`` instead): one process, so K = 1 and one slice of the singular
+    directions for all the GPUs. A model split over the GPUs by a ``device_map`` the user set is model parallelism in
+    one process (K = 1, allowed); transformers sets ``n_gpu`` to 1 for it once the model is loaded.
+    """
+    n_gpu = getattr(args, "n_gpu", 1) if args is not None else 1
+    if isinstance(n_gpu, int) and n_gpu > 1 and not _split_on_purpose(args, model):
+        raise ValueError(f"{n_gpu} GPUs are visible to this one process, started without a launcher: transformers "
+                         f"would train through `nn.DataParallel` (or TRL, given a model name, split the model over "
+                         f"them), i.e. with K = 1 process and one HD-PiSSA slice for all of them. "
+                         + ONE_PROCESS_PER_GPU)
+
+
+def check_model_on_device(model, backend: str | None) -> None:
+    """Refuse a model whose weights are on the CPU when the processes talk over NCCL, before the first collective.
+
+    NCCL moves GPU tensors only: the broadcast of the initial slices (and every fold) would fail deep inside the
+    set-up with a message about tensor devices. Call after the trainer placed (or FSDP2 sharded) the model."""
+    if backend != "nccl":
+        return
+    on_cpu = [name for name, p in model.named_parameters() if p.device.type == "cpu"]
+    if on_cpu:
+        raise ValueError(f"The model is on the CPU ({len(on_cpu)} weight tensors, e.g. {on_cpu[0]!r}) but the processes "
+                         f"talk over NCCL, which moves GPU tensors only: HD-PiSSA's collectives (the broadcast of the "
+                         f"initial slices, every fold) cannot run. Let the trainer place the model on each process's "
+                         f"GPU (the default; `place_model_on_device=False` keeps it where it is, and a `device_map` "
+                         f"should name the process's GPU), or train on CPU processes with gloo (`use_cpu=True`).")
+
+
+def load_whole_model_per_process(args, model) -> None:
+    """Under FSDP, load a model given by name with ``device_map=None`` (unless the user set a ``device_map``).
+
+    TRL loads a model name with ``device_map="auto"`` on a GPU machine except under MULTI_GPU and DeepSpeed: under FSDP
+    every process would then spread its own copy over all the machine's GPUs, and the sharding (accelerate's FSDP2
+    preparation, which moves each rank's rows to its GPU) needs the whole model on the CPU or on ``meta``.
+    """
+    if not isinstance(model, str) or not hasattr(args, "model_init_kwargs") or requested_fsdp_version(args) is None:
+        return
+    kwargs = dict(args.model_init_kwargs or {})
+    if "device_map" not in kwargs:
+        args.model_init_kwargs = {**kwargs, "device_map": None}
+
+
 def check_parallelism(args, model=None, world_size: int = 1) -> None:
     """Raise ``ValueError`` for a parallel set-up HD-PiSSA cannot train with (FSDP2 and replicated DP pass).
 
@@ -80,6 +140,7 @@ def check_parallelism(args, model=None, world_size: int = 1) -> None:
         world_size: number of processes K (a model split over devices is refused when K > 1).
     """
     check_deepspeed(args)
+    check_one_process_per_gpu(args, model)
     version = requested_fsdp_version(args)
     if version is not None and version != 2:
         raise ValueError(f"HD-PiSSA cannot train under FSDP{version} (`fsdp=`/`--fsdp` with fsdp_config version "
