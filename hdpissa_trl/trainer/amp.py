@@ -4,6 +4,11 @@ Without DDP (HD-PiSSA never averages gradients) each device's GradScaler would o
 that found inf/nan would skip its step alone, and the devices' loss scales and learning-rate schedules would drift
 apart. Here the found-inf flags are max-reduced across devices before ``GradScaler.step``, so every device skips
 (and lowers its scale) together, and the scaler state stays identical everywhere.
+
+Under FSDP2 accelerate gives a plain ``GradScaler`` (the adapters are plain tensors outside FSDP, each device's own);
+versions that give FSDP a ``ShardedGradScaler`` sum the flags over its process group inside ``unscale_`` already, and
+the max on top keeps the one decision (``tests/test_amp.py``). Clipping runs before this agreement (transformers calls
+``clip_grad_norm_``, which unscales, before ``on_pre_optimizer_step``), so the gradients are unscaled once.
 """
 
 from __future__ import annotations
