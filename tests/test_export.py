@@ -11,6 +11,7 @@ from hdpissa_trl.engine.export import (
     exact_factors,
     factor_update,
     overall_relative_error,
+    refined_factors,
     resolve_factorization,
     sample_positions,
     svd_factors,
@@ -52,16 +53,39 @@ def test_exact_factors_are_the_projection_onto_the_fixed_set():
 
 def test_factor_update_reports_the_measured_error():
     delta, U, V, E = _update(second=0.03)
-    up = factor_update(delta.float(), bases=(U.float(), V.float()))
+    up = factor_update(delta.float(), bases=(U.float(), V.float()), factorization="exact")
     assert up.factorization == "exact" and up.rank == 8
     assert up.relative_error == pytest.approx((E.norm() / delta.norm()).item(), rel=1e-4)
     exact = factor_update((delta - E).float(), bases=(U.float(), V.float()))  # no second-order part: exact
-    assert exact.relative_error < 1e-5
+    assert exact.factorization == "refined" and exact.relative_error < 1e-5
     # In bf16 the error is measured on the factors as written.
-    low = factor_update(delta.float(), bases=(U.float(), V.float()), dtype=torch.bfloat16)
+    low = factor_update(delta.float(), bases=(U.float(), V.float()), factorization="exact", dtype=torch.bfloat16)
     assert low.A.dtype == low.B.dtype == torch.bfloat16
     ref = (delta - low.B.double() @ low.A.double()).norm() / delta.norm()
     assert low.relative_error == pytest.approx(ref.item(), rel=1e-4) and low.relative_error > up.relative_error
+
+
+def _reference_error(delta, A, B) -> float:
+    return ((delta - B.double() @ A.double()).norm() / delta.norm()).item()
+
+
+def test_refined_factors_never_lose_to_the_exact_construction_and_approach_the_svd():
+    # A spectrum the first-order set does not capture in order: the exact construction keeps all of U·X + Y·Vᵀ,
+    # the best rank-8 approximation trades its weakest directions for the strongest of E.
+    delta, U, V, E = _update(m=60, n=50, kr=4, second=0.6, seed=3)
+    best = torch.linalg.svdvals(delta)
+    optimum = (best[8:].norm() / best.norm()).item()
+    exact = _reference_error(delta, *exact_factors(delta.float(), U.float(), V.float()))
+    errors = [_reference_error(delta, *refined_factors(delta.float(), U.float(), V.float(), n_iter=i))
+              for i in (0, 1, 3)]
+    assert optimum - 1e-6 <= errors[2] <= errors[1] <= errors[0] <= exact + 1e-6
+    assert errors[0] < exact and errors[2] < optimum + 0.25 * (exact - optimum)
+    up = factor_update(delta.float(), bases=(U.float(), V.float()))  # the default: refined, measured error
+    assert up.factorization == "refined" and up.relative_error == pytest.approx(errors[1], rel=1e-4)
+    small = factor_update(delta.float(), bases=(U.float(), V.float()), rank=3)  # a smaller rank: truncated inside
+    assert small.rank == 3 and small.relative_error > up.relative_error
+    bigger = factor_update(delta.float(), bases=(U.float(), V.float()), rank=12)  # above 2·K·r: the SVD
+    assert bigger.factorization == "svd" and bigger.rank == 12
 
 
 def test_svd_factors_are_the_best_rank_k_approximation():
@@ -89,12 +113,14 @@ def test_overall_error_weighs_layers_by_their_update():
 
 
 def test_factorization_choice_and_refusals():
-    assert resolve_factorization("auto", "fixed", None) == "exact"
+    assert resolve_factorization("auto", "fixed", None) == "refined"
+    assert resolve_factorization("exact", "fixed", None) == "exact"
     for subspace in ("rotate", "refactor", "gradient", "moving"):
         assert resolve_factorization("auto", subspace, None) == "svd"
-        with pytest.raises(ValueError, match="needs the fixed directions.*factorization='svd'"):
-            resolve_factorization("exact", subspace, None)
-    assert resolve_factorization("auto", "fixed", 4) == "svd"  # a chosen rank: truncated SVD
+        for fixed_only in ("exact", "refined"):
+            with pytest.raises(ValueError, match="needs the fixed directions.*factorization='svd'"):
+                resolve_factorization(fixed_only, subspace, None)
+    assert resolve_factorization("auto", "fixed", 4) == "refined"  # a chosen rank, truncated inside
     with pytest.raises(ValueError, match="rank 2·K·r per layer by construction"):
         resolve_factorization("exact", "fixed", 4)
     with pytest.raises(ValueError, match="positive integer"):

@@ -7,10 +7,13 @@ whole run's ``ΔW`` lies in ``{U·X + Y·Vᵀ}``, of rank ``≤ 2·K·r``. Its p
     B = [U | (I − UUᵀ)·ΔW·V],   A = [Uᵀ·ΔW ; Vᵀ]        (B·A = UUᵀΔW + (I − UUᵀ)ΔW·VVᵀ)
 
 and what it leaves out is ``(I − UUᵀ)·ΔW·(I − VVᵀ)``, the second-order part: :func:`exact_factors`, a few GEMMs of
-inner dimension ``K·r`` per layer (no SVD). Where the set moved during the run (``rotate``, ``refactor``,
-``gradient``, ``moving``) or a smaller rank is asked for, :func:`svd_factors` takes the truncated SVD of ``ΔW`` (the
-best rank-k approximation, one SVD of the layer). Either way the error ``‖ΔW − B·A‖ / ‖ΔW‖`` is measured on the
-factors as written (after the cast to the adapter dtype), never estimated.
+inner dimension ``K·r`` per layer (no SVD). The same ``2·K·r`` columns do better with the best ``A`` for them
+(``A = QᵀΔW`` for an orthonormal basis ``Q`` of ``B``'s columns: never a larger error) and a subspace iteration
+(:func:`refined_factors`, the default for the fixed scheme: on the measured runs it reached the truncated SVD's
+error at a few more GEMMs, BENCHMARKS.md). Where the set moved during the run (``rotate``, ``refactor``, ``gradient``,
+``moving``), :func:`svd_factors` takes the truncated SVD of ``ΔW`` (the best rank-k approximation, one SVD of the
+layer). Either way the error ``‖ΔW − B·A‖ / ‖ΔW‖`` is measured on the factors as written (after the cast to the
+adapter dtype), never estimated.
 
 Memory: ``W_start`` is not kept during training. :func:`export_updates` reads it back one layer at a time through a
 callable (the trainer reads the checkpoint the run started from), so an export holds at most one layer's ``W_start``,
@@ -32,7 +35,8 @@ import torch.distributed as dist
 
 from .distributed import world_and_rank
 
-FACTORIZATIONS = ("auto", "exact", "svd")
+FACTORIZATIONS = ("auto", "refined", "exact", "svd")
+FIXED_ONLY = ("refined", "exact")  # start from the run's fixed directions U, V
 SAMPLES_PER_LAYER = 4096
 
 
@@ -42,7 +46,7 @@ class FactoredUpdate:
 
     A: torch.Tensor
     B: torch.Tensor
-    factorization: str  # "exact" (the rank-2·K·r projection) or "svd" (truncated SVD)
+    factorization: str  # "exact" (the rank-2·K·r projection), "refined" (its columns, refined) or "svd"
     delta_norm: float  # ‖ΔW‖_F
     error_norm: float  # ‖ΔW − B·A‖_F, with A and B as written (after the cast)
     seconds: float = 0.0
@@ -94,6 +98,34 @@ def exact_factors(delta: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tupl
     return tuple(reversed(_balanced(B, A)))  # type: ignore[return-value]
 
 
+def _ritz(delta: torch.Tensor, Q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` ``(A, B)`` with columns in span(Q) (orthonormal): SVD of the small ``QᵀΔW``."""
+    Ub, S, Vh = torch.linalg.svd(Q.t() @ delta, full_matrices=False)
+    root = S[:rank].sqrt()
+    return (root[:, None] * Vh[:rank]).contiguous(), ((Q @ Ub[:, :rank]) * root[None, :]).contiguous()
+
+
+@torch.no_grad()
+def refined_factors(delta: torch.Tensor, U: torch.Tensor, V: torch.Tensor, rank: int | None = None,
+                    n_iter: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of rank ``rank`` (default ``2·K·r``) with columns in the best of: span of :func:`exact_factors`'
+    ``B`` (``A = QᵀΔW`` there can only lower its error, which is the second-order part) and ``n_iter`` subspace
+    iterations from it (``Q ← orth(ΔW·orth(ΔWᵀQ))``, towards the top singular directions of ΔW). Each candidate is
+    judged by its measured residual; the winner's ``QᵀΔW`` is factored by a small SVD (truncated to ``rank``)."""
+    k = 2 * U.shape[1]
+    rank = k if rank is None else min(rank, k)
+    Q = torch.linalg.qr(exact_factors(delta, U, V)[1]).Q
+    best, best_err = Q, None
+    for it in range(n_iter + 1):
+        if it:
+            Q = torch.linalg.qr(delta @ torch.linalg.qr(delta.t() @ Q).Q).Q
+        A, B = _ritz(delta, Q, rank)
+        err = float((delta - B @ A).norm())
+        if best_err is None or err < best_err:
+            best, best_err = Q, err
+    return _ritz(delta, best, rank)
+
+
 @torch.no_grad()
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` of the truncated SVD: ``B = U_k·sqrt(S_k)``, ``A = sqrt(S_k)·Vh_k`` (the best rank-``k``
@@ -105,21 +137,27 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def factor_update(delta: torch.Tensor, *, bases: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  rank: int | None = None, dtype: torch.dtype = torch.float32) -> FactoredUpdate:
-    """Factor one layer's ``ΔW`` (fp32): :func:`exact_factors` with ``bases = (U, V)`` (the fixed scheme), else
-    :func:`svd_factors` at ``rank`` (capped at ``min(m, n)``; a cap at or above ``2·K·r`` with bases given also takes
-    the SVD, which is then lossless or better). The error is measured on the factors cast to ``dtype``."""
+                  rank: int | None = None, factorization: str = "auto", n_iter: int = 1,
+                  dtype: torch.dtype = torch.float32) -> FactoredUpdate:
+    """Factor one layer's ``ΔW`` (fp32). With ``bases = (U, V)`` (the fixed scheme): :func:`refined_factors`
+    (``"auto"``/``"refined"``, at ``rank`` up to ``2·K·r``) or :func:`exact_factors` (``"exact"``, rank ``2·K·r``);
+    without, or for a ``rank`` above ``2·K·r``, or with ``"svd"``: :func:`svd_factors` at ``rank`` (capped at
+    ``min(m, n)``). A layer whose ``2·K·r`` reaches ``min(m, n)`` takes the SVD too (lossless there). The error is
+    measured on the factors cast to ``dtype``."""
     t0 = time.perf_counter()
     delta = delta.to(torch.float32)
     m, n = delta.shape
-    if bases is not None and (rank is None or rank >= 2 * bases[0].shape[1]) and 2 * bases[0].shape[1] < min(m, n):
+    k = 2 * bases[0].shape[1] if bases is not None else None
+    how = "svd" if factorization == "svd" or k is None or k >= min(m, n) or (rank is not None and rank > k) else (
+        "exact" if factorization == "exact" else "refined")
+    if how == "exact":
         A, B = exact_factors(delta, *bases)
-        how = "exact"
+    elif how == "refined":
+        A, B = refined_factors(delta, *bases, rank=rank, n_iter=n_iter)
     else:
-        if rank is None:
+        if rank is None and k is None:
             raise ValueError("factor_update needs bases=(U, V) or a rank.")
-        A, B = svd_factors(delta, min(rank, m, n))
-        how = "svd"
+        A, B = svd_factors(delta, min(rank or k, m, n))
     A, B = A.to(dtype), B.to(dtype)
     residual = delta - B.to(torch.float32) @ A.to(torch.float32)
     return FactoredUpdate(A=A, B=B, factorization=how, delta_norm=float(delta.norm()),
@@ -127,24 +165,22 @@ def factor_update(delta: torch.Tensor, *, bases: tuple[torch.Tensor, torch.Tenso
 
 
 def resolve_factorization(factorization: str, subspace: str, rank: int | None) -> str:
-    """``"exact"`` or ``"svd"`` for an engine with schedule ``subspace``; a clear error for a combination that cannot
-    work (checked before any work)."""
+    """``"refined"``, ``"exact"`` or ``"svd"`` for an engine with schedule ``subspace`` (``"auto"``: refined for the
+    fixed scheme, else SVD); a clear error for a combination that cannot work (checked before any work)."""
     if factorization not in FACTORIZATIONS:
         raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer (or None for 2·K·r per layer), got {rank!r}.")
-    if factorization == "exact":
-        if subspace != "fixed":
-            raise ValueError(f"factorization='exact' needs the fixed directions (subspace='fixed'); this run used "
-                             f"subspace={subspace!r}, whose update left the initial directions. Use "
-                             f"factorization='svd' (or 'auto').")
-        if rank is not None:
-            raise ValueError("factorization='exact' has rank 2·K·r per layer by construction; leave rank=None, or use "
-                             "factorization='svd' for another rank.")
-        return "exact"
+    if factorization in FIXED_ONLY and subspace != "fixed":
+        raise ValueError(f"factorization={factorization!r} needs the fixed directions (subspace='fixed'); this run "
+                         f"used subspace={subspace!r}, whose update left the initial directions. Use "
+                         f"factorization='svd' (or 'auto').")
+    if factorization == "exact" and rank is not None:
+        raise ValueError("factorization='exact' has rank 2·K·r per layer by construction; leave rank=None, or use "
+                         "factorization='refined' or 'svd' for another rank.")
     if factorization == "auto":
-        return "exact" if subspace == "fixed" and rank is None else "svd"
-    return "svd"
+        return "refined" if subspace == "fixed" else "svd"
+    return factorization
 
 
 # -- is W_start the one the run started from? ----------------------------------------------------------------------
@@ -236,7 +272,8 @@ def export_updates(engine, start_weight: Callable[[str], torch.Tensor], *, rank:
         engine: the :class:`~hdpissa_trl.engine.HDPiSSAEngine` (or sharded one) after training.
         start_weight: ``name -> W_start`` of that layer (CPU is fine), read on the layer's owner rank only.
         rank: LoRA rank of every layer (truncated SVD), or None for ``2·K·r`` of each layer.
-        factorization: ``"auto"`` (exact for ``subspace="fixed"`` at rank None, else SVD), ``"exact"`` or ``"svd"``.
+        factorization: ``"auto"`` (``"refined"`` for ``subspace="fixed"``, else ``"svd"``), ``"refined"``,
+            ``"exact"`` or ``"svd"`` (:func:`factor_update`).
         dtype: dtype of the factors (the error is measured after the cast).
         samples: this rank's :func:`weight_samples`, taken at set-up (gathered from every rank under FSDP2); when
             given, a ``W_start`` that does not match them is refused.
@@ -271,9 +308,9 @@ def export_updates(engine, start_weight: Callable[[str], torch.Tensor], *, rank:
             _check_start(name, w_start, [per_rank[i] for per_rank in all_samples])
         delta = w_final - w_start.to(torch.float32)
         del w_start
-        bases = directions(layer.A0_all, B0_all) if how == "exact" else None
-        r = rank if rank is not None else 2 * world * layer.r
-        result = factor_update(delta, bases=bases, rank=r, dtype=dtype)
+        bases = directions(layer.A0_all, B0_all) if how in FIXED_ONLY else None
+        r = rank if rank is not None or bases is not None else 2 * world * layer.r
+        result = factor_update(delta, bases=bases, rank=r, factorization=how, dtype=dtype)
         result.A, result.B = result.A.cpu(), result.B.cpu()
         mine[name] = result
         if progress is not None:
@@ -285,7 +322,7 @@ def export_updates(engine, start_weight: Callable[[str], torch.Tensor], *, rank:
         for batch in _rounds(owners):
             got = None
             for i in batch:  # every rank joins every gather; the owner keeps its layer
-                full = _full_layer(engine, i, owners[i], how == "exact")
+                full = _full_layer(engine, i, owners[i], how in FIXED_ONLY)
                 if full is not None:
                     got = (i, full)
             if got is not None and error is None:
@@ -294,7 +331,7 @@ def export_updates(engine, start_weight: Callable[[str], torch.Tensor], *, rank:
     else:
         for i in range(len(engine.layers)):
             if owners[i] == me and error is None:
-                error = _guarded(one, i, _full_layer(engine, i, me, how == "exact"), alone=world == 1, rank=me)
+                error = _guarded(one, i, _full_layer(engine, i, me, how in FIXED_ONLY), alone=world == 1, rank=me)
     if world > 1:
         errors: list = [None] * world
         dist.all_gather_object(errors, error, group=engine.group)

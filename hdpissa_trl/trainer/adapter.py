@@ -1,8 +1,8 @@
 """What adapter users ship: an HD-PiSSA run's whole update as a PEFT LoRA adapter on the model it started from.
 
 ``trainer.save_adapter(path)`` factors every adapted layer's ``ΔW = W_final − W_start`` (the engine's
-:mod:`~hdpissa_trl.engine.export`: the exact rank-``2·K·r`` projection onto the run's fixed directions, or a truncated
-SVD) and writes PEFT's own files: ``adapter_config.json`` and ``adapter_model.safetensors`` (keys
+:mod:`~hdpissa_trl.engine.export`: the rank-``2·K·r`` construction from the run's fixed directions, refined, or a
+truncated SVD) and writes PEFT's own files: ``adapter_config.json`` and ``adapter_model.safetensors`` (keys
 ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``), loadable with ``PeftModel.from_pretrained(base, path)``
 and nothing of this library, plus a card (``library_name: peft``) stating how exactly the adapter reproduces the
 trained model. ``W_start`` is read back from the checkpoint the run started from, one layer at a time.
@@ -49,7 +49,7 @@ class AdapterExport:
     ranks: dict[str, int] = field(default_factory=dict)
     layer_errors: dict[str, float] = field(default_factory=dict)  # ‖ΔW − B·A‖ / ‖ΔW‖ per layer
     relative_error: float = 0.0  # the same over the whole model
-    factorization: str = "exact"
+    factorization: str = "refined"
     dtype: str = "float32"
     seconds: float = 0.0
     adapter_bytes: int = 0  # adapter_model.safetensors
@@ -242,7 +242,7 @@ def save_adapter(trainer, path: str | None = None, *, base_model: str | None = N
                 "The exported adapter reproduces the run's update with a relative error of %.3g %% (above "
                 "error_warning=%.3g %%); worst layers: %s. %s", 100 * result.relative_error, 100 * error_warning,
                 ", ".join(f"{n} {100 * e:.3g} %" for n, e in worst),
-                "A larger rank lowers it (rank=...), or ship the merged model (save_model)." if how == "svd" else
+                "A larger rank lowers it (rank=...), or ship the merged model (save_model)." if how == "svd" or rank else
                 "The run's second-order part is large (a high learning rate?); the merged model (save_model) is exact.")
     trainer.accelerator.wait_for_everyone()
     return result
@@ -302,8 +302,10 @@ def write_adapter_card(card_path: str, result: AdapterExport, info: dict[str, An
     errors = result.layer_errors
     worst = max(errors, key=errors.get)
     distinct = sorted(set(result.ranks.values()), reverse=True)
-    how = {"exact": "exact rank-2·K·r construction from the run's fixed directions U, V: B = [U | (I−UUᵀ)ΔW·V], "
-                    "A = [UᵀΔW ; Vᵀ] (what it leaves out is the second-order part of the folds)",
+    exact = "B = [U | (I−UUᵀ)ΔW·V], A = [UᵀΔW ; Vᵀ] from the run's fixed directions U, V"
+    how = {"exact": f"exact rank-2·K·r construction {exact} (it leaves out the second-order part of the folds)",
+           "refined": f"the columns of {exact}, refined by a subspace iteration towards ΔW's top singular directions, "
+                      f"with the best A for them (never a larger error than that construction's second-order part)",
            "svd": "truncated SVD of ΔW (the best approximation of that rank)"}
     lines = [
         f"# {model_name}", "",
@@ -316,7 +318,9 @@ def write_adapter_card(card_path: str, result: AdapterExport, info: dict[str, An
         f"| relative error of the update, whole model (‖ΔW − B·A‖ / ‖ΔW‖) | {100 * result.relative_error:.3g} % |",
         f"| largest per-layer error | {100 * errors[worst]:.3g} % (`{worst}`) |",
         f"| factorization | {'; '.join(how[f] for f in result.factorization.split(', '))} |",
-        f"| LoRA rank | {result.rank}" + (f" (2·K·r with K = {K})" if result.factorization == "exact" and K else "")
+        f"| LoRA rank | {result.rank}"
+        + (f" (2·K·r = {info['update rank per step (2·K·r)']}, K = {K})" if "update rank per step (2·K·r)" in info
+           else "")
         + (f"; per-layer ranks {distinct} through `rank_pattern`" if len(distinct) > 1 else "") + " |",
         f"| adapter dtype | {result.dtype} |",
         f"| adapter size | {result.adapter_bytes / 2**20:.2f} MiB (the whole model: {result.model_bytes / 2**20:.1f} MiB) |",
