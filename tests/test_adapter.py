@@ -207,6 +207,9 @@ def test_moving_schedule_and_smaller_rank_take_the_svd_with_its_error(tmp_path, 
     with pytest.raises(ValueError, match="not the ones this run started from"):
         trainer.save_adapter(str(tmp_path / "wrong"), base_model=str(other))
     assert not (tmp_path / "wrong").exists()
+    full = HDPiSSASFTTrainer(model=base, args=cfg, train_dataset=make_dataset(16), method="full")
+    with pytest.raises(ValueError, match="method='full': full fine-tuning has no low-rank update.*save_model"):
+        full.save_adapter()
 
 
 def test_recipe_refuses_save_adapter_for_the_baselines():

@@ -189,9 +189,11 @@ def save_adapter(trainer, path: str | None = None, *, base_model: str | None = N
     """The body of :meth:`HDPiSSATrainerMixin.save_adapter` (see there); returns the export on rank 0."""
     engine = getattr(trainer, "hdpissa_engine", None)
     if trainer.method != "hdpissa" or engine is None:
+        what = ("full fine-tuning has no low-rank update to export: trainer.save_model() writes the model"
+                if trainer.method == "full" else
+                "a PEFT LoRA / PiSSA run's adapter is already the trained model: trainer.model.save_pretrained(path)")
         raise ValueError(f"save_adapter exports an HD-PiSSA run's update; this trainer trains method="
-                         f"{trainer.method!r}. A PEFT LoRA/PiSSA run's adapter is the model itself: "
-                         f"trainer.model.save_pretrained(path).")
+                         f"{trainer.method!r}: {what}.")
     how = resolve_factorization(factorization, engine.config.subspace, rank)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}.")
