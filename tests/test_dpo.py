@@ -204,3 +204,41 @@ def test_sharded_w_is_refused_for_dpo_and_grpo(monkeypatch):
         with pytest.raises(ValueError, match=f"HD-PiSSA with {name} supports replicated W only"):
             refuse_sharded_w(sharded, name)
     refuse_sharded_w(SimpleNamespace(args=SimpleNamespace(fsdp_plugin_args=None), accelerator=accelerator), "DPOTrainer")
+
+
+def test_disable_dropout_also_covers_the_adapters_dropout(tiny_model_dir, tmp_path):
+    """DPOConfig.disable_dropout (default True) ran before HD-PiSSA injected its adapters, so lora_dropout=0.3 stayed
+    on (while the PEFT baselines lost theirs) and the first loss was 0.6949, not ln 2: the policy's dropped forward is
+    not the reference. Now the same rule holds for every method."""
+    args = dpo_config(tmp_path, precompute_ref_log_probs=True)
+    assert args.disable_dropout
+    trainer = HDPiSSADPOTrainer(model=tiny_model_dir, args=args, train_dataset=demo_pairs(16),
+                                hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4, lora_dropout=0.3))
+    assert all(layer.lora_dropout.p == 0.0 for layer in trainer.hdpissa_engine.layers)
+    trainer.train()
+    assert first_loss(trainer) == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 11]])
+
+
+def test_a_pissa_peft_model_keeps_its_base_weights(tiny_model_dir, tmp_path):
+    """A PiSSA PeftModel as the model: DPOTrainer adds its "ref" adapter with the "default" config object, which ran
+    PiSSA's init again and subtracted a second principal part from the base weights (policy logits off by up to 0.19,
+    first loss still ln 2, so nothing noticed). The policy must be the model passed, and "ref" its starting adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules="all-linear"))
+    with torch.no_grad():
+        start = model(input_ids=IDS).logits
+    trainer = HDPiSSADPOTrainer(model=model, args=dpo_config(tmp_path), train_dataset=demo_pairs(16), method="pissa")
+    assert "ref" in model.peft_config and model.peft_config["default"].init_lora_weights == "pissa"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, start, rtol=0, atol=1e-5)
+        model.set_adapter("ref")
+        torch.testing.assert_close(model(input_ids=IDS).logits, start, rtol=0, atol=1e-5)
+        model.set_adapter("default")
+    trainer.train()
+    assert first_loss(trainer) == pytest.approx(math.log(2.0), abs=1e-6)

@@ -78,21 +78,30 @@ def test_vllm_sync_sends_merged_w_under_plain_names(tiny_model_dir, tmp_path, mo
                                  args=grpo_config(tmp_path, use_vllm=True, vllm_mode="colocate"),
                                  train_dataset=demo_prompts(), hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4))
     engine = trainer.hdpissa_engine
-    # Move W: one fold of random adapter deltas, as after an optimizer step.
+    # Move W: one fold of random adapter deltas, as after an optimizer step; W expected by the fold formula (K = 1):
+    # W_start + s·(B·A − B0·A0), in float64 here.
     torch.manual_seed(0)
+    expected = {}
     with torch.no_grad():
-        for layer in engine.layers:
+        for name, layer in zip(engine.names, engine.layers):
+            A0, B0 = layer.lora_A.double().clone(), layer.lora_B.double().clone()
             layer.lora_A.add_(0.05 * torch.randn_like(layer.lora_A))
             layer.lora_B.add_(0.05 * torch.randn_like(layer.lora_B))
+            expected[f"{name}.weight"] = (layer.base_layer.weight.double()
+                                          + layer.scale * (layer.lora_B.double() @ layer.lora_A.double() - B0 @ A0))
     engine.fold()
 
     trainer.vllm_generation.sync_weights()
 
     plain_names = [name for name, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()]
     assert receiver.received == plain_names  # every weight once, plain names, no adapter factor
-    merged = engine.merged_state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for name, param in receiver.hf.named_parameters():
-        assert torch.equal(param, merged[name]), name
+        if name in expected:  # an adapted layer: the folded W
+            torch.testing.assert_close(param.double(), expected[name], rtol=0, atol=1e-6)
+            assert (param.double() - start.get_parameter(name).double()).abs().max() > 1e-3, name
+        else:  # everything else as it was
+            assert torch.equal(param, start.get_parameter(name)), name
     ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
     with torch.no_grad():
         trainer.model.eval()
@@ -102,22 +111,97 @@ def test_vllm_sync_sends_merged_w_under_plain_names(tiny_model_dir, tmp_path, mo
     assert w[f"{engine.names[0]}.weight"].data_ptr() == engine.layers[0].base_layer.weight.data_ptr()
 
 
-@pytest.mark.parametrize("method", ["hdpissa", "pissa"])
-def test_reference_is_the_starting_model_first_kl_is_zero(tiny_model_dir, tmp_path, method):
-    """With beta > 0 the first step's KL to the reference is 0: policy = reference. For the PiSSA baseline TRL's
-    adapter-disabled reference would be the residual W - BA (KL far from 0)."""
-    args = grpo_config(tmp_path, beta=0.1, sync_ref_model=method == "hdpissa", ref_model_sync_steps=1,
-                       ref_model_mixup_alpha=0.5)
-    trainer = HDPiSSAGRPOTrainer(model=tiny_model_dir, reward_funcs=digit_reward, args=args,
-                                 train_dataset=demo_prompts(), hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4),
-                                 method=method)
+class RecordingGRPOTrainer(HDPiSSAGRPOTrainer):
+    """Keeps, for every loss computation, the batch (prompt and completion ids and masks), the policy's per-token
+    log-probabilities of it and, for HD-PiSSA, the merged W at that moment."""
+
+    KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+
+    def _compute_loss(self, model, inputs):
+        if not hasattr(self, "seen"):
+            self.seen = []
+        with torch.no_grad():
+            policy = per_token_logps(self.accelerator.unwrap_model(model), inputs)
+        merged = ({k: v.clone() for k, v in self.hdpissa_engine.merged_state_dict().items()}
+                  if self.hdpissa_engine is not None else None)  # a copy: W changes in place at the next fold
+        self.seen.append(({k: inputs[k].clone() for k in self.KEYS}, policy, merged))
+        return super()._compute_loss(model, inputs)
+
+
+def per_token_logps(model, batch) -> torch.Tensor:
+    """log p(completion token | everything before it), written out (temperature 1, GRPOConfig's default)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    n = batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -n - 1:-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(2, batch["completion_ids"][..., None])[..., 0]
+
+
+@pytest.mark.parametrize("setup", ["hdpissa", "hdpissa_synced", "pissa"])
+def test_kl_at_step_2_is_to_the_starting_model_computed_by_hand(tiny_model_dir, tmp_path, setup):
+    """With beta > 0, the KL TRL logs at step 2 (after one update) equals k3 = exp(ref − π) − (ref − π) − 1, masked mean
+    over the completion tokens, with ref computed here from the model on disk (synced: (1 − α)·start + α·W after step
+    1, mixed by hand). A first-step KL of 0 proves nothing: any adapter-free reference gives it, and for HD-PiSSA the
+    adapter-disabled model (the current W) would give 0 at every step; for PiSSA the residual W − BA is far off."""
+    alpha = 0.5
+    args = grpo_config(tmp_path, beta=0.1, sync_ref_model=setup == "hdpissa_synced", ref_model_sync_steps=1,
+                       ref_model_mixup_alpha=alpha)
+    trainer = RecordingGRPOTrainer(model=tiny_model_dir, reward_funcs=digit_reward, args=args,
+                                   train_dataset=demo_prompts(), hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4),
+                                   method="pissa" if setup == "pissa" else "hdpissa")
     trainer.train()
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
-    assert kls[0] == pytest.approx(0.0, abs=1e-7), kls
-    if method == "hdpissa":  # sync_ref_model=True mixed the merged W into the reference after each step
-        start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        name = f"{trainer.hdpissa_engine.names[0]}.weight"
-        assert not torch.equal(trainer.ref_model.get_parameter(name), start.get_parameter(name))
+    assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-7), kls
+    batch, policy, merged = trainer.seen[1]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if setup == "hdpissa_synced":
+        start = reference.state_dict()
+        reference.load_state_dict({k: (1 - alpha) * v + alpha * merged[k] for k, v in start.items()})
+    with torch.no_grad():
+        ref = per_token_logps(reference, batch)
+    mask = batch["completion_mask"].float()
+    k3 = torch.exp(ref - policy) - (ref - policy) - 1
+    by_hand = ((k3 * mask).sum() / mask.sum()).item()
+    assert by_hand > 1e-5, by_hand  # the policy moved: a reference equal to the current policy would log 0
+    assert kls[1] == pytest.approx(by_hand, rel=1e-3, abs=1e-8), (kls, by_hand)
+
+
+def test_reference_of_a_model_object_is_that_object(tiny_model_dir, tmp_path):
+    """GRPOTrainer built the reference of a model object by loading config._name_or_path again: a different model
+    when the object was changed in memory. Now a frozen copy of the object itself, as HDPiSSADPOTrainer does."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.5)  # changed in memory; the files on disk are not
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = HDPiSSAGRPOTrainer(model=model, reward_funcs=digit_reward, args=grpo_config(tmp_path, beta=0.1),
+                                 train_dataset=demo_prompts(), hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4))
+    ref = dict(trainer.ref_model.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(ref[name], value), name
+    assert set(ref) == set(expected) and not any(p.requires_grad for p in ref.values())
+    assert all(ref[n].data_ptr() != p.data_ptr() for n, p in trainer.model.named_parameters() if n in ref)
+
+
+def test_a_pissa_peft_model_keeps_its_base_weights(tiny_model_dir, tmp_path):
+    """With beta > 0, GRPOTrainer adds its "ref" adapter to a PeftModel with the "default" config object: for PiSSA
+    that ran PiSSA's init again and subtracted a second principal part from the base weights. The policy stays the
+    model passed, and "ref" is its starting adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules="all-linear"))
+    ids = torch.tensor([[3, 17, 42, 99, 7, 250, 11]])
+    with torch.no_grad():
+        start = model(input_ids=ids).logits
+    HDPiSSAGRPOTrainer(model=model, reward_funcs=digit_reward, args=grpo_config(tmp_path, beta=0.1),
+                       train_dataset=demo_prompts(), method="pissa")
+    assert "ref" in model.peft_config and model.peft_config["default"].init_lora_weights == "pissa"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, start, rtol=0, atol=1e-5)
+        model.set_adapter("ref")
+        torch.testing.assert_close(model(input_ids=ids).logits, start, rtol=0, atol=1e-5)
+        model.set_adapter("default")
 
 
 def test_adapted_output_head_is_refused(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments
 from workers.rl_worker import CausalLMTrainer
-from workers.trainer_worker import make_dataset
+from workers.trainer_worker import Recorder, make_dataset
 
 from hdpissa_trl import HDPiSSAConfig
 from hdpissa_trl.testing_utils import save_tiny_model
@@ -29,6 +29,8 @@ def test_custom_loss_trains_and_saves_the_merged_plain_model(tiny_model_dir, tmp
                               train_dataset=rows, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                               processing_class=tokenizer, hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4),
                               method=method)
+    recorder = Recorder(trainer)
+    trainer.callback_handler.callbacks.insert(0, recorder)  # before the fold: each step's A, B after the optimizer
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     trainer.train()
@@ -41,5 +43,14 @@ def test_custom_loss_trains_and_saves_the_merged_plain_model(tiny_model_dir, tmp
     changed = [k for k in saved if not torch.equal(saved[k], start[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted linears moved
     if method == "hdpissa":
-        merged = trainer.hdpissa_engine.merged_state_dict()
-        assert all(torch.equal(saved[k], merged[k]) for k in saved)
+        # The saved weights are the fold formula applied by hand (float64) to what the optimizer did at every step:
+        # W = W_start + s·Σ_steps (B·A − B0·A0), this device's slice being all of them (K = 1).
+        engine = trainer.hdpissa_engine
+        assert len(recorder.stepped) == 12
+        for name, layer in zip(engine.names, engine.layers):
+            A0, B0 = layer.A0_all.double(), layer.B0_all.double()
+            expected = start[f"{name}.weight"].double()
+            for step in recorder.stepped:
+                A, B = (t.double() for t in step[name])
+                expected = expected + layer.scale * (B @ A - B0 @ A0)
+            torch.testing.assert_close(saved[f"{name}.weight"].double(), expected, rtol=0, atol=1e-5)

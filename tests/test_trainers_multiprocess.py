@@ -21,6 +21,9 @@ from workers.trainer_worker import check_w_against_fold_formula
 from hdpissa_trl.testing_utils import save_tiny_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "rl_worker.py")
+DPO_REF_WORKER = os.path.join(os.path.dirname(__file__), "workers", "dpo_ref_worker.py")
+PAIRS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo", "data_rl",
+                     "preference_train.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +31,10 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
 
 
-def launch(*args: str, timeout: float = 600) -> None:
+def launch(*args: str, timeout: float = 600, worker: str = WORKER) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--multi_gpu", WORKER, *args]
+           "--multi_gpu", worker, *args]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -88,3 +91,47 @@ def test_two_processes_fold_checkpoint_and_exact_resume(tiny_model_dir, tmp_path
     assert not any("lora" in k or "base_layer" in k or "A0_all" in k for k in saved)
     for n in names:
         assert torch.equal(saved[f"{n}.weight"], r0["W"][n])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["memory", "file"])
+def test_precomputed_dpo_reference_on_two_processes_is_each_rows_own(tiny_model_dir, tmp_path, data):
+    """K = 2 processes score their shares of the rows; every row must get its own reference value, equal to a
+    one-process computation done here row by row, and the first loss is ln 2 with zero margins (policy = reference).
+    37 rows: not a multiple of K · batch = 8, so the last batch is uneven. ``file``: a dataset backed by Arrow cache
+    files goes through TRL's own cache-file precompute; ``memory``: through the in-memory one."""
+    import math
+
+    from datasets import load_dataset
+    from test_dpo import sequence_logps
+    from transformers import AutoModelForCausalLM
+
+    n, cache = 37, str(tmp_path / "hf_cache")
+    load_dataset("json", data_files=PAIRS, split="train", cache_dir=cache)  # both processes read the same cache files
+    launch("--model", tiny_model_dir, "--jsonl", PAIRS, "--n", str(n), "--data", data, "--cache_dir", cache,
+           "--output_dir", str(tmp_path / "out"), "--record_dir", str(tmp_path / "rec"), worker=DPO_REF_WORKER)
+    r0, r1 = records(tmp_path / "rec")
+    assert r0["rows"] == r1["rows"]
+    rows = r0["rows"]
+    assert len(rows["ref_chosen_logps"]) == n
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for i in range(n):
+        p, c, r = rows["prompt_ids"][i], rows["chosen_ids"][i], rows["rejected_ids"][i]
+        assert rows["ref_chosen_logps"][i] == pytest.approx(sequence_logps(reference, p, c), abs=1e-3), i
+        assert rows["ref_rejected_logps"][i] == pytest.approx(sequence_logps(reference, p, r), abs=1e-3), i
+    for rec in (r0, r1):
+        assert rec["first_log"]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+        assert rec["first_log"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_processes_holding_different_rows_are_refused_before_the_reference_pass(tiny_model_dir, tmp_path):
+    """An unseeded split or shuffle gives each process another order: the precomputed values would land on other rows
+    (the shipped DPO recipe trained that way: first loss 1.306, margins -0.46). Refused with the cause, on every
+    process."""
+    launch("--model", tiny_model_dir, "--jsonl", PAIRS, "--n", "24", "--data", "memory", "--shuffle_per_process",
+           "--output_dir", str(tmp_path / "out"), "--record_dir", str(tmp_path / "rec"), worker=DPO_REF_WORKER)
+    for rec in records(tmp_path / "rec"):
+        assert "rows" not in rec
+        assert "The 2 processes hold different train datasets (process 1 differs from process 0" in rec["error"]
+        assert "fixed seed" in rec["error"]

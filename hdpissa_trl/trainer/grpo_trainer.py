@@ -5,24 +5,32 @@ W and the adapters reset, and the adapter path adds nothing to the forward value
 uses the model as it is, with nothing to merge or unmerge, and vLLM weight sync sends W itself under the plain
 parameter names (:func:`vllm_named_weights`) instead of PEFT's merge / send / unmerge round trip.
 
-Reference (only with ``beta > 0``): TRL loads the starting model a second time from ``config._name_or_path`` (a frozen
-copy: one more copy of the weights), which is right for HD-PiSSA too; the adapter-disabled model would not be (see
-:mod:`hdpissa_trl.trainer.reference`). A PiSSA baseline keeps a frozen copy of its initial adapter as reference.
+Reference (only with ``beta > 0``): a frozen copy of the starting model (one more copy of the weights); the
+adapter-disabled model would not be the start (see :mod:`hdpissa_trl.trainer.reference`). A model passed as a path is
+loaded a second time by TRL, as ``GRPOTrainer`` does; a model object is deep-copied (as ``HDPiSSADPOTrainer`` does),
+so the reference is the object you passed even if its weights differ from the files at ``config._name_or_path``. A
+PiSSA baseline keeps a frozen copy of its initial adapter as reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
+import trl.trainer.grpo_trainer as trl_grpo
 from torch import nn
 from trl import GRPOTrainer
 
 from ..engine.layer import plain_key
+from .checks import require_trl_hooks
+from .dpo_trainer import bind_arguments, starts_from_plain_model
 from .mixin import HDPiSSATrainerMixin
 from .reference import (
     ReferenceTrainerMixin,
     add_reference_adapter,
+    frozen_copy,
+    trl_reference_adapter_keeps_the_base,
     use_merged_weight_ref_sync,
 )
 
@@ -60,12 +68,48 @@ class HDPiSSAGRPOTrainer(ReferenceTrainerMixin, HDPiSSATrainerMixin, GRPOTrainer
     hdpissa_trl_parent = "GRPOTrainer"
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        require_trl_hooks((trl_grpo, "create_model_from_path"), (trl_grpo, "get_config_model_id"))
+        kwargs = bind_arguments(GRPOTrainer.__init__, args, kwargs)
+        if getattr(kwargs.get("args"), "use_vllm", False):
+            from trl.generation.vllm_generation import VLLMGeneration
+
+            require_trl_hooks((VLLMGeneration, "_iter_named_params"), (VLLMGeneration, "_fix_param_name_to_vllm"))
+        self._reference_copy = None
+        with trl_reference_adapter_keeps_the_base(kwargs.get("model")), self._reference_from_the_object():
+            super().__init__(**kwargs)
         if self.method == "pissa" and self.beta != 0.0:
             add_reference_adapter(self.accelerator.unwrap_model(self.model))
         use_merged_weight_ref_sync(self)
         if self.hdpissa_engine is not None and getattr(self, "vllm_generation", None) is not None:
             self.send_plain_weights_to_vllm(self.vllm_generation)
+
+    def hdpissa_parent_kwargs(self, kwargs: dict) -> dict:
+        """With ``beta > 0`` and a model object: the frozen copy that becomes the reference (after every refusal)."""
+        model, training_args = kwargs.get("model"), kwargs.get("args")
+        if (model is not None and not isinstance(model, str) and getattr(training_args, "beta", 0.0) != 0.0
+                and starts_from_plain_model(self.method, kwargs)):
+            self._reference_copy = frozen_copy(model)
+        return kwargs
+
+    @contextlib.contextmanager
+    def _reference_from_the_object(self):
+        """While ``GRPOTrainer.__init__`` runs: its reference load (``create_model_from_path`` of the policy's
+        ``config._name_or_path``) returns the frozen copy of the object passed, once; every other load is TRL's."""
+        load = trl_grpo.create_model_from_path
+
+        def create_model_from_path(model_id, *args, **kwargs):
+            ref = self._reference_copy
+            if ref is not None and model_id == trl_grpo.get_config_model_id(ref.config):
+                self._reference_copy = None
+                return ref
+            return load(model_id, *args, **kwargs)
+
+        trl_grpo.create_model_from_path = create_model_from_path
+        try:
+            yield
+        finally:
+            trl_grpo.create_model_from_path = load
+            self._reference_copy = None
 
     def send_plain_weights_to_vllm(self, vllm_generation) -> None:
         """Make TRL's ``VLLMGeneration.sync_weights`` send W under plain names (every rank must iterate: the

@@ -36,6 +36,7 @@ from ..engine.fold import FoldStats
 from ..engine.inject import inject_hdpissa
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
+from .checks import check_optimizer_trains_the_model, model_skeleton, refuse_optimizer_built_before_the_trainer
 from .fsdp import requested_fsdp_plugin, shard_like_accelerate
 from .parallel import check_model_on_device, check_parallelism, load_whole_model_per_process
 
@@ -133,11 +134,14 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if self.method in ("pissa", "lora") and given.get("peft_config") is None and not _is_peft_model(
                 given.get("model")) and "peft_config" in parent_init.parameters:
             kwargs["peft_config"] = build_peft_config(self.method, self.hdpissa_config)
+        refuse_optimizer_built_before_the_trainer(given.get("optimizers"), self._trains_what_it_creates(given.get(
+            "model")), "optimizer_cls_and_kwargs" in parent_init.parameters, self.method)
         if self.method == "hdpissa":
             training_args = given.get("args")
             check_parallelism(training_args, given.get("model"), getattr(training_args, "world_size", 1))
             load_whole_model_per_process(training_args, given.get("model"))  # FSDP: not TRL's device_map="auto"
-        super().__init__(*args, **kwargs)
+            self.hdpissa_check_before_loading(training_args, given.get("model"))
+        super().__init__(*args, **self.hdpissa_parent_kwargs(kwargs))
         self._hdpissa_setup()
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -171,6 +175,11 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         check_model_on_device(model, dist.get_backend() if is_distributed() else None)
         self.hdpissa_engine = inject_hdpissa(model, self.hdpissa_config, rank=self.accelerator.process_index,
                                              world_size=world, show_progress=self.accelerator.is_main_process)
+        if getattr(self.args, "disable_dropout", False):
+            # TRL's disable_dropout (DPO, GRPO, ...) ran before the adapters existed: the same rule for their dropout.
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         # A few thousand entries of every starting W: save_adapter refuses a base checkpoint that is not this one.
         self._hdpissa_start_samples = weight_samples(self.hdpissa_engine)
         backend = dist.get_backend() if is_distributed() else "none"
@@ -193,8 +202,35 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         self.accelerator.prepare_model = prepare_model_without_ddp
         self.add_callback(_FoldCallback(self))
 
+    def _trains_what_it_creates(self, model) -> str | None:
+        """Why an optimizer built before the trainer cannot hold what this run trains (``None``: it can)."""
+        if self.method == "peft":
+            return None  # the parent trainer's meaning, unchanged
+        if isinstance(model, str):
+            return f"the trainer loads the model from {model!r} itself"
+        if self.method == "hdpissa":
+            return "HD-PiSSA's per-device adapters are created inside the trainer, after the optimizer"
+        if self.method in ("pissa", "lora") and not _is_peft_model(model):
+            return f"the {self.method} adapter is created inside the trainer, after the optimizer"
+        return None
+
     def hdpissa_check_model(self, model) -> None:
-        """Trainer-specific refusals, before any adapter is injected (no-op here; see ``HDPiSSASFTTrainer``)."""
+        """Trainer-specific refusals, before any adapter is injected (no-op here; see ``HDPiSSASFTTrainer``). Run twice:
+        before the parent trainer loads anything (on :meth:`hdpissa_check_before_loading`'s skeleton) and on the
+        loaded model."""
+
+    def hdpissa_parent_kwargs(self, kwargs: dict) -> dict:
+        """The parent trainer's keyword arguments, after every refusal and right before the parent's ``__init__`` runs
+        (DPO adds its frozen reference model here)."""
+        return kwargs
+
+    def hdpissa_check_before_loading(self, args, model) -> None:
+        """The refusals, before the parent trainer loads a model or data or computes anything (a path is checked on a
+        weightless skeleton built from its config)."""
+        skeleton = model_skeleton(model, args)
+        if skeleton is not None:
+            self.hdpissa_check_model(skeleton)
+
 
     def _apply_ddp_timeout(self) -> None:
         """Make ``ddp_timeout`` bound every collective on CPU too, so a dead or hung peer stops the others.
@@ -228,7 +264,10 @@ class HDPiSSATrainerMixin(CheckpointMixin):
     def create_optimizer(self, *args, **kwargs):
         """The parent's optimizer; with ``subspace_warmup_steps`` its steps run at the engine's warm-up fraction of the
         scheduled rate after each change of the factors (step hooks: the scheduler keeps its own rate)."""
+        given = self.optimizer  # set on the trainer by the user (optimizers=... is refused when it cannot train)
         optimizer = super().create_optimizer(*args, **kwargs)
+        if given is not None and self.method != "peft":
+            check_optimizer_trains_the_model(optimizer, self.lr_scheduler, self.model, self.method)
         engine = getattr(self, "hdpissa_engine", None)
         if engine is not None and self.hdpissa_config.subspace_warmup_steps and \
                 getattr(optimizer, "_hdpissa_lr_hooks", None) is None:

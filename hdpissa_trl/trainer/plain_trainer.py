@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
+from .checks import refuse_optimizer_built_before_the_trainer
 from .mixin import HDPiSSATrainerMixin, _is_peft_model, build_peft_config
 
 
@@ -34,6 +35,9 @@ class HDPiSSATrainer(HDPiSSATrainerMixin, Trainer):
 
             from ..engine.config import HDPiSSAConfig
 
+            method = kwargs["method"]
+            refuse_optimizer_built_before_the_trainer(kwargs.get("optimizers"), f"the {method} adapter is created "
+                                                      f"inside the trainer, after the optimizer", True, method)
             config = kwargs.get("hdpissa_config") or HDPiSSAConfig()
             model = get_peft_model(model, build_peft_config(kwargs["method"], config))
         super().__init__(model, *args, **kwargs)

@@ -21,6 +21,7 @@ resume (TRL itself restarts it from the starting model).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -58,6 +59,30 @@ def add_reference_adapter(peft_model) -> None:
         if ".ref." in name:
             param.copy_(peft_model.get_parameter(name.replace(".ref.", ".default.")))
             param.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def trl_reference_adapter_keeps_the_base(model):
+    """While TRL builds a trainer around a ``PeftModel``: its "default" config says plain init.
+
+    DPO (and GRPO with ``beta > 0``) add a frozen "ref" adapter to a ``PeftModel`` passed as the model, with the
+    "default" adapter's config object, then copy the default weights into it. For an init that changes the base
+    weights (PiSSA, OLoRA, CorDA, ...) adding it runs that init again: a second principal part is subtracted from the
+    base weights and the policy is no longer the model passed. A plain init leaves the base alone; the copied weights
+    make "ref" the starting adapter either way. The config is restored afterwards (also on error).
+    """
+    from peft import PeftModel
+
+    config = model.peft_config.get("default") if isinstance(model, PeftModel) else None
+    init = getattr(config, "init_lora_weights", True)
+    if config is None or init is True:
+        yield
+        return
+    config.init_lora_weights = True
+    try:
+        yield
+    finally:
+        config.init_lora_weights = init
 
 
 @torch.no_grad()
@@ -155,6 +180,15 @@ class ReferenceTrainerMixin:
     (an adapted output head, W sharded by rows) and a synced reference saved into and restored from checkpoints."""
 
     hdpissa_trl_parent = "a TRL trainer"  # the TRL class name the messages use
+
+    def hdpissa_check_before_loading(self, args, model) -> None:
+        """Before TRL loads the reference and precomputes log-probabilities (minutes to hours on a real data set)."""
+        from .checks import model_skeleton, refuse_adapted_output_head, refuse_sharded_w_before_loading
+
+        refuse_sharded_w_before_loading(args, self.hdpissa_trl_parent)
+        skeleton = model_skeleton(model, args)
+        if skeleton is not None:
+            refuse_adapted_output_head(skeleton, self.hdpissa_config, self.hdpissa_trl_parent)
 
     def hdpissa_check_model(self, model) -> None:
         from .checks import refuse_adapted_output_head, refuse_sharded_w

@@ -12,6 +12,7 @@ import inspect
 from trl import SFTTrainer
 
 from ..engine.model import find_target_modules
+from .checks import require_trl_hooks
 from .data_checks import check_after_truncation, check_sft_dataset
 from .mixin import HDPiSSATrainerMixin
 
@@ -30,6 +31,7 @@ class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        require_trl_hooks((SFTTrainer, "_prepare_dataset"))
         self._check_datasets(args, kwargs)
         super().__init__(*args, **kwargs)
 
