@@ -89,9 +89,9 @@ def gpu_args(tmp_path, n_gpu: int, **kw) -> SFTConfig:
 def test_several_gpus_in_one_process_are_refused_with_the_launch_command(tmp_path, monkeypatch):
     """nn.DataParallel (one process, K = 1, one slice for all GPUs) is refused before the model is loaded, with the
     command to use; a model split over the GPUs by a device_map the user chose (model parallelism, K = 1) passes."""
+    import trl.trainer.sft_trainer as sft
     from datasets import Dataset
 
-    import trl.trainer.sft_trainer as sft
     from hdpissa_trl import HDPiSSASFTTrainer
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
@@ -128,9 +128,9 @@ def test_fsdp_loads_a_model_name_whole_in_every_process(tmp_path, monkeypatch):
     MULTI_GPU and DeepSpeed), spreading every process's copy over all the GPUs; the trainer asks for device_map=None,
     so accelerate's FSDP2 preparation gets the whole model and moves each rank's rows to its GPU. A device_map the
     user set is kept."""
+    import trl.trainer.sft_trainer as sft
     from datasets import Dataset
 
-    import trl.trainer.sft_trainer as sft
     from hdpissa_trl import HDPiSSASFTTrainer
 
     class Loaded(Exception):
