@@ -69,6 +69,9 @@ def test_two_processes_fold_checkpoint_and_exact_resume(tiny_model_dir, tmp_path
     check_w_against_fold_formula(r0, r1, steps=4)
     logged = [h for h in r0["log_history"] if "loss" in h]
     assert len(logged) == 4
+    if kind == "dpo":  # precomputed reference on 2 processes: policy = reference at step 0
+        assert logged[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+        assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert all(h["hdpissa/collectives_per_step"] == 1 and h["hdpissa/update_rank"] == 8 for h in logged)
     assert all(h["hdpissa/bytes_communicated"] > 0 and h["hdpissa/w_check_ok"] == 1.0 for h in logged)
 
@@ -94,12 +97,14 @@ def test_two_processes_fold_checkpoint_and_exact_resume(tiny_model_dir, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["memory", "file"])
-def test_precomputed_dpo_reference_on_two_processes_is_each_rows_own(tiny_model_dir, tmp_path, data):
+def test_precomputed_dpo_reference_on_two_processes_is_each_rows_own(tiny_model_dir, tmp_path):
     """K = 2 processes score their shares of the rows; every row must get its own reference value, equal to a
     one-process computation done here row by row, and the first loss is ln 2 with zero margins (policy = reference).
     37 rows: not a multiple of K · batch = 8, so the last batch is uneven. ``file``: a dataset backed by Arrow cache
-    files goes through TRL's own cache-file precompute; ``memory``: through the in-memory one."""
+    files goes through TRL's own cache-file precompute; ``memory``: through the in-memory one.
+
+    ``shuffled``: processes holding the rows in different orders (an unseeded split or shuffle; the shipped DPO recipe
+    trained that way, first loss 1.306 and margins -0.46) are refused on every process, naming the cause."""
     import math
 
     from datasets import load_dataset
@@ -108,30 +113,23 @@ def test_precomputed_dpo_reference_on_two_processes_is_each_rows_own(tiny_model_
 
     n, cache = 37, str(tmp_path / "hf_cache")
     load_dataset("json", data_files=PAIRS, split="train", cache_dir=cache)  # both processes read the same cache files
-    launch("--model", tiny_model_dir, "--jsonl", PAIRS, "--n", str(n), "--data", data, "--cache_dir", cache,
+    launch("--model", tiny_model_dir, "--jsonl", PAIRS, "--n", str(n), "--cache_dir", cache,
            "--output_dir", str(tmp_path / "out"), "--record_dir", str(tmp_path / "rec"), worker=DPO_REF_WORKER)
     r0, r1 = records(tmp_path / "rec")
-    assert r0["rows"] == r1["rows"]
-    rows = r0["rows"]
-    assert len(rows["ref_chosen_logps"]) == n
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    for i in range(n):
-        p, c, r = rows["prompt_ids"][i], rows["chosen_ids"][i], rows["rejected_ids"][i]
-        assert rows["ref_chosen_logps"][i] == pytest.approx(sequence_logps(reference, p, c), abs=1e-3), i
-        assert rows["ref_rejected_logps"][i] == pytest.approx(sequence_logps(reference, p, r), abs=1e-3), i
+    for case in ("memory", "file"):
+        assert r0[case]["rows"] == r1[case]["rows"], case
+        rows = r0[case]["rows"]
+        assert len(rows["ref_chosen_logps"]) == n
+        for i in range(n):
+            p, c, r = rows["prompt_ids"][i], rows["chosen_ids"][i], rows["rejected_ids"][i]
+            assert rows["ref_chosen_logps"][i] == pytest.approx(sequence_logps(reference, p, c), abs=1e-3), (case, i)
+            assert rows["ref_rejected_logps"][i] == pytest.approx(sequence_logps(reference, p, r), abs=1e-3), (case, i)
+        for rec in (r0, r1):
+            assert rec[case]["first_log"]["loss"] == pytest.approx(math.log(2.0), abs=1e-6), case
+            assert rec[case]["first_log"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6), case
     for rec in (r0, r1):
-        assert rec["first_log"]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
-        assert rec["first_log"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_processes_holding_different_rows_are_refused_before_the_reference_pass(tiny_model_dir, tmp_path):
-    """An unseeded split or shuffle gives each process another order: the precomputed values would land on other rows
-    (the shipped DPO recipe trained that way: first loss 1.306, margins -0.46). Refused with the cause, on every
-    process."""
-    launch("--model", tiny_model_dir, "--jsonl", PAIRS, "--n", "24", "--data", "memory", "--shuffle_per_process",
-           "--output_dir", str(tmp_path / "out"), "--record_dir", str(tmp_path / "rec"), worker=DPO_REF_WORKER)
-    for rec in records(tmp_path / "rec"):
-        assert "rows" not in rec
-        assert "The 2 processes hold different train datasets (process 1 differs from process 0" in rec["error"]
-        assert "fixed seed" in rec["error"]
+        assert "rows" not in rec["shuffled"]
+        assert "The 2 processes hold different train datasets (process 1 differs from process 0" in rec["shuffled"][
+            "error"]
+        assert "fixed seed" in rec["shuffled"]["error"]
