@@ -26,6 +26,7 @@ from hdpissa_trl.trainer.checkpoint import (
     mark_complete,
     publish,
     remove_stale_temp_checkpoints,
+    restore_replaced_checkpoints,
     save_engine_state,
     save_optimizer_state,
 )
@@ -121,6 +122,69 @@ def test_publish_replaces_and_cleans_and_stale_temps_go(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [".tmp-other", "checkpoint-4"]
 
 
+CRASH_IN_PUBLISH = """
+import os, sys
+from hdpissa_trl.trainer.checkpoint import publish
+real = os.replace
+def replace(src, dst):  # dies at the first rename of the re-save: before it (0) or right after it (1)
+    if sys.argv[3] == "1":
+        real(src, dst)
+    os._exit(9)
+os.replace = replace
+publish(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("after_first_rename", [False, True], ids=["before_first_rename", "after_first_rename"])
+def test_resave_under_the_same_name_never_leaves_no_checkpoint(tmp_path, after_first_rename):
+    """A process killed while it re-publishes checkpoint-4 over an older checkpoint-4 (a resumed run saving that
+    step again). Removing the old directory before the rename, a crash in between left none; now the old one is
+    renamed aside first, and put back before the next resume or save if the new one never arrived."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run = tmp_path / "run"
+    tmp = run / ".tmp-checkpoint-4" / "checkpoint-4"
+    tmp.mkdir(parents=True)
+    (tmp / "new.txt").write_text("new")
+    mark_complete(str(tmp), {"global_step": 4})
+    (run / "checkpoint-4").mkdir()
+    (run / "checkpoint-4" / "old.txt").write_text("old")
+    mark_complete(str(run / "checkpoint-4"), {"global_step": 4})
+    proc = subprocess.run([sys.executable, "-c", CRASH_IN_PUBLISH, str(tmp), str(run / "checkpoint-4"),
+                           "1" if after_first_rename else "0"], env=child_env(), capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    if after_first_rename:
+        assert not (run / "checkpoint-4").exists() and (run / ".old-checkpoint-4" / "old.txt").exists()
+    restore_replaced_checkpoints(str(run))  # what every resume and every save does first
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-4")
+    assert (run / "checkpoint-4" / "old.txt").read_text() == "old"
+    assert (run / "checkpoint-4" / COMPLETE_MARKER).exists() and not (run / ".old-checkpoint-4").exists()
+
+
+def test_resume_puts_back_a_checkpoint_a_crash_left_aside(tiny_model_dir, tmp_path):
+    """What a crash between the two renames leaves (the only checkpoint under .old-checkpoint-2): the trainer's
+    resume_from_checkpoint=True finds it again (transformers alone finds no checkpoint at all)."""
+    from trl import SFTConfig
+    from workers.trainer_worker import make_dataset
+
+    from hdpissa_trl import HDPiSSASFTTrainer
+
+    out = tmp_path / "out"
+
+    def trainer(max_steps: int):
+        cfg = SFTConfig(output_dir=str(out), use_cpu=True, bf16=False, max_steps=max_steps, save_steps=2,
+                        report_to=[], per_device_train_batch_size=4, max_length=32, logging_steps=1)
+        return HDPiSSASFTTrainer(model=tiny_model_dir, args=cfg, train_dataset=make_dataset(16),
+                                 hdpissa_config=HDPiSSAConfig(r=2))
+
+    trainer(2).train()
+    os.replace(out / "checkpoint-2", out / ".old-checkpoint-2")
+    resumed = trainer(3)
+    resumed.train(resume_from_checkpoint=True)  # transformers alone: "No valid checkpoint found"
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3]  # steps 1-2 from checkpoint
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).exists() and not (out / ".old-checkpoint-2").exists()
+
+
 def test_optimizer_state_roundtrip_is_per_rank(tmp_path):
     engine = make_engine()
     opt = train(engine)
@@ -149,15 +213,21 @@ def test_engine_state_file_holds_the_whole_config(tmp_path):
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "trainer_worker.py")
 
 
-def launch_two_nodes(model: str, node_dirs: list, rec, *args: str, timeout: float = 400) -> list[tuple[int, str]]:
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_two_nodes(model: str, node_dirs: list, rec, *args: str, timeout: float = 400,
+                     fsdp2: bool = False) -> list[tuple[int, str]]:
     """One process on each of two "nodes" (two `accelerate launch --num_machines 2` on this machine). Each node runs
     in its own working directory and the worker's output_dir is RELATIVE, so each node sees its own disk: a
-    filesystem the nodes do not share."""
+    filesystem the nodes do not share. ``fsdp2``: W sharded by rows (recipes/accelerate_configs/cpu_fsdp2.yaml)."""
     port = str(free_port())
     procs = []
+    mode = (["--config_file", os.path.join(ROOT, "recipes", "accelerate_configs", "cpu_fsdp2.yaml")] if fsdp2
+            else ["--multi_gpu"])
     for node, cwd in enumerate(node_dirs):
         os.makedirs(cwd, exist_ok=True)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_machines", "2",
                "--machine_rank", str(node), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", WORKER,
                "--model", model, "--output_dir", "out", "--record_dir", str(rec), "--lr", "1e-2", *args]
@@ -206,14 +276,49 @@ def test_save_on_each_node_gives_every_node_a_complete_checkpoint_that_resumes(t
 
 @pytest.mark.slow
 def test_unshared_output_dir_without_save_on_each_node_is_a_clear_error(tiny_model_dir, tmp_path):
-    """The same two nodes with save_on_each_node=False: only rank 0 publishes, on its own disk. Node 1 stops at the
-    first checkpoint saying what is required, instead of a resume failing much later."""
+    """The same two nodes with save_on_each_node=False: rank 0 alone would publish, on its own disk, a checkpoint
+    without node 1's optimizer state, and rotate out the last good one (save_total_limit=1). Now every rank confirms
+    it sees what the checkpoint needs first: both nodes stop at the first save saying what is required, nothing is
+    marked complete or published, and the older checkpoint stays."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    old = nodes[0] / "out" / "checkpoint-1"  # a good checkpoint of an earlier run: rotation must not remove it
+    old.mkdir(parents=True)
+    mark_complete(str(old), {"global_step": 1})
+    results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec", "--max_steps", "4", "--save_steps", "2",
+                               "--save_total_limit", "1", "--ddp_timeout", "60")
+    for code, out in results:
+        assert code != 0
+        assert "Checkpoint" in out and "was not published: rank(s) [1] cannot see the files" in out
+        assert "output_dir is not on a filesystem that all nodes share" in out and "Set save_on_each_node=True" in out
+    assert (old / COMPLETE_MARKER).exists()
+    for node in nodes:
+        assert not (node / "out" / "checkpoint-2").exists()
+        assert not list((node / "out").rglob(f"*/checkpoint-2/{COMPLETE_MARKER}"))
+
+
+@pytest.mark.slow
+def test_fsdp2_across_machines_refuses_per_node_storage_before_any_work(tiny_model_dir, tmp_path):
+    """W sharded by rows (FSDP2) on two machines, each with its own disk. With save_on_each_node=True (storage declared
+    per node) both refuse at construction, before the model is sharded or trained. Without it, both stop at the first
+    checkpoint, before anything is marked complete or published: rank 0 cannot see rank 1's rows and the reverse.
+    (Before: node 0 published a checkpoint without node 1's rows and rotated out the last good one; node 1 kept a
+    checkpoint-2 with the completion marker and no .metadata.)"""
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec", "--max_steps", "4", "--save_steps", "2",
-                               "--ddp_timeout", "60")
-    code, out = results[1]
-    assert code != 0
-    assert "is not visible on rank 1" in out and "output_dir is not on a filesystem that all nodes share" in out
-    assert "Set save_on_each_node=True" in out
-    assert (nodes[0] / "out" / "checkpoint-2" / COMPLETE_MARKER).exists()
-    assert not (nodes[1] / "out" / "checkpoint-2").exists()
+                               "--save_on_each_node", "--ddp_timeout", "60", fsdp2=True)
+    for code, out in results:
+        assert code != 0 and "save_on_each_node=True declares storage per machine" in out, out[-3000:]
+        assert "HD-PiSSA: K=" not in out  # refused before the adapters (and the sharding) exist
+    old = nodes[0] / "out" / "checkpoint-1"
+    old.mkdir(parents=True)
+    mark_complete(str(old), {"global_step": 1})
+    results = launch_two_nodes(tiny_model_dir, nodes, tmp_path / "rec", "--max_steps", "4", "--save_steps", "2",
+                               "--save_total_limit", "1", "--ddp_timeout", "60", fsdp2=True)
+    for code, out in results:
+        assert code != 0 and "W sharded by rows" in out
+        assert "was not published: rank(s) [0, 1] cannot see every process's files" in out, out[-3000:]
+        assert "output_dir must be on storage that every machine shares" in out
+    assert (old / COMPLETE_MARKER).exists()
+    for node in nodes:
+        assert not (node / "out" / "checkpoint-2").exists()
+        assert not list((node / "out").rglob(f"*/checkpoint-2/{COMPLETE_MARKER}"))

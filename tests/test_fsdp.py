@@ -280,3 +280,29 @@ def test_trainer_refuses_deepspeed_zero3_before_loading_the_model(monkeypatch, t
     data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}])
     with pytest.raises(ValueError, match="ZeRO-3.*fsdp2.yaml"):  # not an OSError about the missing model
         HDPiSSASFTTrainer(model=str(tmp_path / "no-such-model"), args=args, train_dataset=data)
+
+
+def test_sharded_save_on_each_node_across_machines_is_refused_before_loading_the_model(monkeypatch, tmp_path):
+    """save_on_each_node=True declares storage per machine; with W sharded each checkpoint is one directory all
+    processes write into, so two machines are refused before anything loads (the model path does not even exist).
+    On one machine, or with W replicated, the setting stays allowed."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from hdpissa_trl import HDPiSSASFTTrainer
+    from hdpissa_trl.trainer.fsdp import check_sharded_storage
+
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], save_on_each_node=True)
+    data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}])
+    # What `accelerate launch` exports on each of two machines with one process each, W sharded (cpu_fsdp2.yaml).
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="save_on_each_node=True declares storage per machine.*2 machines.*shares"):
+        HDPiSSASFTTrainer(model=str(tmp_path / "no-such-model"), args=args, train_dataset=data)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one machine: nothing to refuse
+    check_sharded_storage(args)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # W replicated: each node keeps a complete copy
+    check_sharded_storage(args)

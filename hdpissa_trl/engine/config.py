@@ -39,7 +39,9 @@ class HDPiSSAConfig:
                 (bf16 weight + bf16 Kahan compensation), ``"bf16_sr"`` (bf16 weight, stochastic rounding) or
                 ``"model"`` (plain add in the model dtype; loses small updates in bf16).
         Communication and safety:
-            bucket_size_mb: cap of one gather buffer in MiB; 0 means a single buffer (one collective per step).
+            bucket_size_mb: W replicated: cap of one gather buffer in MiB, what a device sends; 0 means a single
+                buffer (one collective per step). W sharded (FSDP2): cap of what a rank RECEIVES per exchange (K times
+                what it sends); 0 means 1024 MiB (``engine.sharded.DEFAULT_RECEIVE_CAP_MB``).
             sharded_comm: with W sharded by rows (FSDP2): ``"all_gather"`` of every device's (dA, dB), or
                 ``"all_to_all"`` (all-gather of dA + all-to-all of each rank's dB rows, fewer bytes); ``"auto"`` picks
                 the one that moves fewer bytes.
@@ -84,7 +86,8 @@ class HDPiSSAConfig:
         metadata={"help": "How W absorbs folds: 'fp32' master, 'bf16_kahan', 'bf16_sr' or 'model' (plain dtype)."},
     )
     bucket_size_mb: float = field(
-        default=0.0, metadata={"help": "Max MiB per gather buffer; 0 = one buffer, one collective per step."}
+        default=0.0, metadata={"help": "Max MiB per gather buffer (W sharded: per receive buffer); 0 = one buffer, "
+                                       "one collective per step (W sharded: 1024 MiB)."}
     )
     sharded_comm: str = field(
         default="auto",

@@ -276,11 +276,7 @@ class HDPiSSAEngine:
                 shown_want = want if key != "layers" else f"{len(self.names)} layers"
                 raise ValueError(f"Cannot resume: the checkpoint was made with a different {what} "
                                  f"(checkpoint: {shown_got}, now: {shown_want}).")
-        saved = json.loads(meta.get("config", "{}"))
-        for key, now in self.config.to_dict().items():
-            if key in saved and key not in OPERATIONAL_FIELDS and saved[key] != now:
-                raise ValueError(f"Cannot resume: the checkpoint was made with HDPiSSAConfig.{key}={saved[key]!r}, "
-                                 f"this run has {key}={now!r}. Resume with the checkpoint's value, or start a new run.")
+        check_resume_config(meta, self.config)
         for name, layer, upd in zip(self.names, self.layers, self.updaters):
             for key in ("A0_all", "B0_all"):
                 t = tensors[f"{name}.{key}"]
@@ -333,6 +329,16 @@ class HDPiSSAEngine:
             self.model.to(dtype)
         self.layers, self.names, self.updaters = [], [], []
         return self.model
+
+
+def check_resume_config(meta: dict, config: HDPiSSAConfig) -> None:
+    """Refuse a checkpoint whose stored ``HDPiSSAConfig`` (``meta["config"]``, JSON) differs from ``config`` in any
+    field but the operational ones (``config.OPERATIONAL_FIELDS``), naming the field. Both engines resume through it."""
+    saved = json.loads(meta.get("config", "{}"))
+    for key, now in config.to_dict().items():
+        if key in saved and key not in OPERATIONAL_FIELDS and saved[key] != now:
+            raise ValueError(f"Cannot resume: the checkpoint was made with HDPiSSAConfig.{key}={saved[key]!r}, "
+                             f"this run has {key}={now!r}. Resume with the checkpoint's value, or start a new run.")
 
 
 def _check_factor_convention(meta: dict) -> None:

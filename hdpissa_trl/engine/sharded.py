@@ -20,8 +20,9 @@ of ``K`` holds the rows ``rows_j`` of ``W`` (``weight.to_local()``, ``torch.chun
   fewer bytes.
 
 The invariant is no longer "bit-identical replicas of W" (each row has exactly one owner), but: the full ``W``
-gathered from the shards equals the replicated engine's, and the replicated state (``A0_all``) is bit-identical on
-every rank (checked every ``sync_check_steps`` folds).
+gathered from the shards equals the replicated engine's. Every ``sync_check_steps`` folds the ranks compare what can
+be compared: the replicated ``A0_all``, every device's ``B0`` against its rows on the other ranks, and the rows each
+rank's fold writes against ``W`` as FSDP2 gathers it for the forward.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import nn
 from .config import SHARDED_COMM as COMM_SCHEMES
 from .consistency import WeightMismatchError, tensor_checksum
 from .distributed import collective_errors
-from .fold import FoldStats, Stopwatch, gather_buffers, local_delta_buffer, make_buckets, update_rank_bound
+from .fold import FoldStats, Stopwatch, gather_buffers, local_delta_buffer, update_rank_bound
 from .init import top_singular_factors
 from .layer import HDPiSSALinear, plain_key
 from .model import FACTOR_CONVENTION, HDPiSSAEngine, WeightCheck, _set_submodule, find_target_modules
@@ -83,9 +84,10 @@ def gather_rows(local: torch.Tensor, m: int, dst: int, group=None) -> torch.Tens
     world, me = dist.get_world_size(group), dist.get_rank(group)
     chunk = -(-m // world)
     send = _padded(local, chunk)
-    parts = [torch.empty_like(send) for _ in range(world)] if me == dst else None
-    dist.gather(send, parts, group_dst=dst, group=group)
-    return torch.cat(parts)[:m] if parts is not None else None
+    # The parts are views of one buffer: no second full copy to concatenate them (the init's peak is one layer).
+    full = send.new_empty((world * chunk, *send.shape[1:])) if me == dst else None
+    dist.gather(send, list(full.chunk(world)) if full is not None else None, group_dst=dst, group=group)
+    return full[:m] if full is not None else None
 
 
 # -- the layer -----------------------------------------------------------------------------------------------------
@@ -152,6 +154,18 @@ def _rounds(owners: list[int]) -> list[list[int]]:
     return rounds
 
 
+def seed_offsets(ranks: list[int]) -> list[int]:
+    """Per layer, the offset added to ``config.seed`` for its randomized SVD: the replicated engine's
+    (:func:`~hdpissa_trl.engine.init.init_factors_per_layer` factors the layers of each rank together, layer ``i``
+    being the ``t``-th of its rank gets ``seed + t``), so both engines start from the same factors with fitted ranks."""
+    seen: dict[int, int] = {}
+    out = []
+    for r in ranks:
+        out.append(seen.get(r, 0))
+        seen[r] = out[-1] + 1
+    return out
+
+
 @torch.no_grad()
 def sharded_init_factors(weights: list[torch.Tensor], ranks: list[int], method: str, n_iter: int, seed: int,
                          shard: bool, show_progress: bool = False,
@@ -160,13 +174,14 @@ def sharded_init_factors(weights: list[torch.Tensor], ranks: list[int], method: 
 
     Layer ``i`` (per-device rank ``ranks[i]``, scale ``scales[i] = lora_alpha / ranks[i]``) is owned by rank
     ``i mod K`` (``shard=True``) or rank 0. In each round every owner gathers ONE layer from the shards, factors it
-    (top ``K·r`` directions, :func:`top_singular_factors`, the replicated engine's seeds), broadcasts ``A0_all`` and
-    scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``. Returns
+    (top ``K·r`` directions, :func:`top_singular_factors`, the replicated engine's seeds: :func:`seed_offsets`),
+    broadcasts ``A0_all`` and scatters to every rank ``j`` its rows of ``B0_all`` and its own slice ``B0_j``. Returns
     ``(A0_all, B0_rows, B0_own)`` per layer. Collective: every rank calls it with the same weights.
     """
     group, world, me = shard_group(weights[0])
     scales = scales or [1.0] * len(weights)
     owners = [(i % world) if shard else 0 for i in range(len(weights))]
+    seeds = seed_offsets(ranks)
     rounds = _rounds(owners)
     if show_progress and me == 0:
         from tqdm.auto import tqdm
@@ -183,7 +198,7 @@ def sharded_init_factors(weights: list[torch.Tensor], ranks: list[int], method: 
         factors = None
         if mine is not None:
             i, full = mine
-            factors = top_singular_factors(full, world * ranks[i], method, n_iter, seed + i, scales[i])
+            factors = top_singular_factors(full, world * ranks[i], method, n_iter, seed + seeds[i], scales[i])
             del full
         # 2. The owner broadcasts A0_all and scatters the B0 pieces: rank j gets B0_all[rows_j] and B0_all[:, j-slice].
         for i in batch:
@@ -221,6 +236,38 @@ def comm_bytes(layers: list[ShardedHDPiSSALinear], world: int, rank: int) -> dic
     }
 
 
+# What one bucket of the fold may receive when ``bucket_size_mb`` is 0: each rank receives K times what it sends, so an
+# unbounded exchange is K times the adapters' deltas (23.8 GiB with all-to-all, 48.6 GiB with all-gather per rank for a
+# Llama-3.1-70B shape at K = 64, r = 16: BENCHMARKS.md §7). 1 GiB buckets keep it bounded with large messages.
+DEFAULT_RECEIVE_CAP_MB = 1024
+
+
+def layer_receive_bytes(layer: ShardedHDPiSSALinear, world: int, scheme: str) -> int:
+    """fp32 bytes of the receive buffer one layer takes in the fold's exchange (this rank's own part included: the
+    collective's output holds all K). Rows are counted at the largest shard, ``ceil(m/K)``, so every rank gets the
+    same number and cuts the same buckets."""
+    a, m = layer.r * layer.in_features, layer.out_features
+    b = layer.r * (m if scheme == "all_gather" else -(-m // world))
+    return 4 * world * (a + b)
+
+
+def receive_buckets(layers: list[ShardedHDPiSSALinear], world: int, scheme: str, cap_bytes: int) -> list[list[int]]:
+    """Consecutive layer indices whose fold receive buffers together stay under ``cap_bytes`` (a layer larger than
+    the cap alone); the same buckets on every rank. ``cap_bytes <= 0``: :data:`DEFAULT_RECEIVE_CAP_MB`."""
+    cap = cap_bytes if cap_bytes > 0 else DEFAULT_RECEIVE_CAP_MB * 2**20
+    buckets, cur, cur_bytes = [], [], 0
+    for i, layer in enumerate(layers):
+        nbytes = layer_receive_bytes(layer, world, scheme)
+        if cur and cur_bytes + nbytes > cap:
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nbytes
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
 def choose_comm_scheme(scheme: str, layers: list[ShardedHDPiSSALinear], world: int, rank: int) -> str:
     """Resolve ``"auto"`` to the scheme that receives fewer bytes on this shape (the same answer on every rank)."""
     if scheme != "auto":
@@ -244,11 +291,17 @@ def _own_rows_delta_buffers(layers: list[ShardedHDPiSSALinear], world: int) -> t
     return d_a, torch.cat(parts), splits
 
 
+def fold_target(layer: ShardedHDPiSSALinear) -> torch.Tensor:
+    """The tensor the fold writes this rank's rows of ``W`` into (the consistency check compares it with the rows
+    FSDP2 gathers for the forward)."""
+    return layer.base_layer.weight.to_local()
+
+
 @torch.no_grad()
 def fold_rows(layer: ShardedHDPiSSALinear, dA_all: torch.Tensor, dB_rows: torch.Tensor, updater: WeightUpdater,
               step: int) -> None:
     """``W[rows_j] += s·[dB_all[rows_j] | B0_all[rows_j]] @ [A_all ; dA_all]`` on this rank's rows; reset adapter."""
-    weight = layer.base_layer.weight.to_local()
+    weight = fold_target(layer)
     if weight.shape[0]:
         left = torch.cat([dB_rows, layer.B0_rows], dim=1)  # (m_j, 2Kr)
         right = torch.cat([layer.A0_all + dA_all, dA_all], dim=0)  # (2Kr, n)
@@ -262,13 +315,15 @@ def fold_sharded(layers: list[ShardedHDPiSSALinear], updaters: list[WeightUpdate
 
     ``scheme="all_gather"``: one all-gather of every ``(dA_k, dB_k)`` per bucket (as the replicated engine).
     ``"all_to_all"``: an all-gather of the ``dA_k`` plus an all-to-all of the ``dB_k`` rows, so each rank receives
-    only its rows of the B-side. Collective: every rank calls it after the same optimizer step, same layers and order.
+    only its rows of the B-side. ``bucket_bytes`` caps what one bucket RECEIVES (K times what it sends; 0: 1 GiB,
+    :data:`DEFAULT_RECEIVE_CAP_MB`). Collective: every rank calls it after the same optimizer step, same layers and
+    order.
     """
     device = layers[0].A0_all.device if layers else None
     stats = FoldStats(fold_timer=Stopwatch(device))
     world, me = dist.get_world_size(group), dist.get_rank(group)
     scheme = choose_comm_scheme(scheme, layers, world, me)
-    for bucket in make_buckets(layers, bucket_bytes):
+    for bucket in receive_buckets(layers, world, "all_gather" if world == 1 else scheme, bucket_bytes):
         blayers = [layers[i] for i in bucket]
         timer = Stopwatch(device)
         if scheme == "all_gather" or world == 1:
@@ -347,8 +402,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
     weights. ``names`` are the layers' state-dict names (:func:`canonical_name`). Differences from the replicated
     engine: the fold updates this rank's rows only; :meth:`state_dict` holds DTensors for
     ``torch.distributed.checkpoint`` (the trainer's :mod:`hdpissa_trl.trainer.sharded_checkpoint` writes them);
-    :meth:`merged_state_dict` gathers the full model on rank 0 only; the consistency check compares the replicated
-    state (``A0_all``).
+    :meth:`merged_state_dict` gathers the full model on rank 0 only; the consistency check compares ``A0_all``,
+    ``B0`` and the rows of ``W`` each fold writes with what the forward gathers (:meth:`check_consistency`).
     """
 
     layers: list[ShardedHDPiSSALinear]
@@ -391,9 +446,10 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         factors = sharded_init_factors([mod.weight for _, mod in targets], ranks, config.init_method, config.n_iter,
                                        config.seed, shard=config.shard_init, show_progress=show_progress,
                                        scales=scales)
-        for i, ((name, module), r, s, (A0_all, B0_rows, B0_own)) in enumerate(zip(targets, ranks, scales, factors)):
+        for i, ((name, module), r, s) in enumerate(zip(targets, ranks, scales)):
             layer = ShardedHDPiSSALinear(module, r, self.rank, K, s, config.lora_dropout, name=name)
-            layer.set_initial_factors(A0_all, B0_rows, B0_own)
+            layer.set_initial_factors(*factors[i])
+            factors[i] = None  # freed as each layer takes its copy: the factors are never held twice
             _set_submodule(self.model, name, layer)
             self.names.append(canonical_name(name))
             self.layers.append(layer)
@@ -417,27 +473,76 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         return comm_bytes(self.layers, self.world_size, self.rank)
 
     def checksums(self) -> torch.Tensor:
-        """Checksums of the state every rank must hold identically: each layer's ``A0_all``."""
+        """This rank's row of the consistency table (:meth:`check_consistency`): per layer the checksum of ``A0_all``,
+        of ``B0_own`` restricted to every rank's rows, of every device's column block of ``B0_rows``, of the rows the
+        fold writes and of every rank's block of ``W`` as FSDP2 gathers it for this rank's forward; then the fold
+        counter. Collective (the gathered view of ``W`` is FSDP2's all-gather): every rank calls it."""
         if not self.layers:
-            return torch.zeros(0, dtype=torch.int64)
-        return torch.stack([tensor_checksum(layer.A0_all).cpu() for layer in self.layers])
+            return torch.tensor([self.step], dtype=torch.int64)
+        K = self.world_size
+        table = torch.zeros(len(self.layers), 3 * K + 2, dtype=torch.int64)
+        targets = [fold_target(layer) for layer in self.layers]  # taken while the weights are row shards
+        for i, layer in enumerate(self.layers):
+            r, rows = layer.r, shard_rows(layer.out_features, K)
+            table[i, 0] = tensor_checksum(layer.A0_all).cpu()
+            for j, (a, b) in enumerate(rows):
+                table[i, 1 + j] = tensor_checksum(layer.B0_own[a:b]).cpu()
+            for k in range(K):
+                table[i, 1 + K + k] = tensor_checksum(layer.B0_rows[:, k * r:(k + 1) * r]).cpu()
+        for module, members in self._fsdp_units():
+            module.unshard()  # what the forward computes with: FSDP2's all-gather of every rank's shard
+            try:
+                for i in members:
+                    layer = self.layers[i]
+                    view = layer.base_layer.weight  # the unsharded parameter while the unit is unsharded
+                    table[i, 2 * K + 1] = tensor_checksum(targets[i].to(view.dtype)).cpu()
+                    for j, (a, b) in enumerate(shard_rows(layer.out_features, K)):
+                        table[i, 2 * K + 2 + j] = tensor_checksum(view[a:b]).cpu()
+            finally:
+                module.reshard()
+        return torch.cat([table.reshape(-1), torch.tensor([self.step], dtype=torch.int64)])
+
+    def _fsdp_units(self) -> list[tuple[nn.Module, list[int]]]:
+        """The ``fully_shard``-ed modules that hold adapted weights, with the indices of their layers, in model order
+        (a weight belongs to the innermost such module above it)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        named = list(self.model.named_modules())
+        units = [(name, module) for name, module in named if isinstance(module, FSDPModule)]
+        paths = {id(module): name for name, module in named}
+        members: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            path = paths[id(layer)]
+            owner = max((name for name, _ in units if not name or path.startswith(name + ".")), key=len)
+            members.setdefault(owner, []).append(i)
+        return [(module, members[name]) for name, module in units if name in members]
 
     def check_consistency(self, step: int | None = None, on_mismatch: str | None = None) -> list[str]:
-        """Compare the replicated state (``A0_all``) across ranks; ``W`` rows have one owner each, nothing to compare.
+        """Compare across ranks what must agree while each row of ``W`` has one owner (one all-gather of checksums):
 
-        A mismatch raises :class:`~hdpissa_trl.engine.consistency.WeightMismatchError` naming the layer
-        (``"raise"``) or copies rank 0's ``A0_all`` (``"resync"``).
+        * ``A0_all``, replicated on every rank;
+        * ``B0``: device ``k``'s own slice on rank ``k`` against its rows held by every rank ``j`` (``B0_rows``);
+        * ``W``: the rows rank ``j``'s fold writes against rank ``j``'s block of ``W`` as FSDP2 gathers it for every
+          rank's forward (a fold that does not reach the forward, e.g. a weight replaced after injection, is caught);
+        * the fold counter.
+
+        A mismatch of ``A0_all`` raises :class:`~hdpissa_trl.engine.consistency.WeightMismatchError` naming the layer
+        (``"raise"``) or copies rank 0's (``"resync"``). The others always raise: each has one owner, so there is no
+        copy to re-sync from. Costs one all-gather of ``W`` (a forward's worth of FSDP2 traffic) per check.
         """
         step = self.step if step is None else step
         on_mismatch = on_mismatch or self.config.on_sync_mismatch
         resynced: list[str] = []
-        if self.world_size > 1 and self.layers:
+        K = self.world_size
+        if K > 1 and self.layers:
             local = self.checksums().to(self.layers[0].A0_all.device)
-            table = torch.empty(self.world_size * local.numel(), dtype=torch.int64, device=local.device)
-            with collective_errors("consistency check of the replicated factors (all-gather)", step, self.group):
+            table = torch.empty(K * local.numel(), dtype=torch.int64, device=local.device)
+            with collective_errors("consistency check (all-gather of the checksums)", step, self.group):
                 dist.all_gather_into_tensor(table, local, group=self.group)
-            table = table.view(self.world_size, -1).cpu()
-            bad = (table != table[0:1]).any(dim=0).nonzero().flatten().tolist()
+            table = table.view(K, -1).cpu()
+            steps, table = table[:, -1], table[:, :-1].view(K, len(self.layers), 3 * K + 2)
+            self._raise_on_single_owner_mismatch(table, steps, step)
+            bad = (table[:, :, 0] != table[0:1, :, 0]).any(dim=0).nonzero().flatten().tolist()
             if bad and on_mismatch == "raise":
                 raise WeightMismatchError(
                     f"HD-PiSSA state mismatch at step {step}: the initial factors A0 of layer {self.names[bad[0]]!r} "
@@ -450,6 +555,29 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
                 resynced.append(self.names[i])
         self.last_check = WeightCheck(step, not resynced, resynced)
         return resynced
+
+    def _raise_on_single_owner_mismatch(self, table: torch.Tensor, steps: torch.Tensor, step: int) -> None:
+        """The fold counter, ``B0`` and ``W`` checks of :meth:`check_consistency` on the gathered ``(K, L, 3K+2)``
+        table; raises on the first mismatch, naming the layer, the rows and the ranks."""
+        K, after = self.world_size, "Resume from the last checkpoint (each has one owner: nothing to re-sync from)."
+        if (steps != steps[0]).any():
+            raise WeightMismatchError(f"HD-PiSSA state mismatch at step {step}: the ranks have folded different numbers "
+                                      f"of times ({steps.tolist()} per rank): a rank skipped or repeated a fold. {after}")
+        for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+            rows = shard_rows(layer.out_features, K)
+            for j, (a, b) in enumerate(rows):
+                for k in range(K):
+                    if table[k, i, 1 + j] != table[j, i, 1 + K + k]:
+                        raise WeightMismatchError(
+                            f"HD-PiSSA state mismatch at step {step}: layer {name!r}: rows {a}:{b} of device {k}'s "
+                            f"initial factor B0 held by rank {j} differ from device {k}'s own B0. {after}")
+                for viewer in range(K):
+                    if table[viewer, i, 2 * K + 2 + j] != table[j, i, 2 * K + 1]:
+                        raise WeightMismatchError(
+                            f"HD-PiSSA weight mismatch at step {step}: layer {name!r}: rows {a}:{b} of W as FSDP2 "
+                            f"gathers them for rank {viewer}'s forward differ from the rows rank {j}'s fold writes: "
+                            f"the folds do not reach the forward (the tensor the fold updates is not the one "
+                            f"FSDP2 gathers: was the weight's storage replaced after HD-PiSSA was injected?). {after}")
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:

@@ -27,6 +27,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 
 from ..engine.layer import plain_key
 from ..engine.model import HDPiSSAEngine
+from .replace import replace_directory, restore_replaced_checkpoints, wait_until_everyone_sees
 
 HDPISSA_STATE_NAME = "hdpissa_state.safetensors"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -41,9 +42,12 @@ def optimizer_state_name(rank: int) -> str:
 # -- writing ------------------------------------------------------------------------------------------------------
 
 def remove_stale_temp_checkpoints(run_dir: str) -> None:
-    """Delete leftovers of saves that crashed (``.tmp-checkpoint-*``): never complete, never resumed from."""
+    """Delete leftovers of saves that crashed (``.tmp-checkpoint-*``): never complete, never resumed from. A checkpoint
+    a crash left under ``.old-checkpoint-*`` while it was being replaced is put back first
+    (:func:`~hdpissa_trl.trainer.replace.restore_replaced`)."""
     if not os.path.isdir(run_dir):
         return
+    restore_replaced_checkpoints(run_dir)
     for entry in os.listdir(run_dir):
         if entry.startswith(f".tmp-{PREFIX_CHECKPOINT_DIR}-"):
             shutil.rmtree(os.path.join(run_dir, entry), ignore_errors=True)
@@ -71,10 +75,9 @@ def mark_complete(ckpt_dir: str, info: dict) -> None:
 
 
 def publish(tmp: str, final: str) -> None:
-    """Rename a complete checkpoint into place (replacing an older one of the same step) and drop its temp parent."""
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Rename a complete checkpoint into place (replacing an older one of the same step: :func:`replace_directory`)
+    and drop its temp parent."""
+    replace_directory(tmp, final)
     shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
 
 
@@ -226,6 +229,15 @@ class CheckpointMixin:
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Before transformers looks for the checkpoint to resume from, put back one that a crash left under
+        ``.old-checkpoint-N`` while it was being replaced (:func:`replace_directory`)."""
+        if resume_from_checkpoint and self._hdpissa_owns_checkpoints():
+            run_dir = (self.args.output_dir if resume_from_checkpoint is True
+                       else os.path.dirname(os.path.abspath(os.fspath(resume_from_checkpoint))))
+            restore_replaced_checkpoints(run_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # Overridden: no public hook wraps a whole checkpoint save; this makes it atomic (temp dir, marker, rename).
     def _save_checkpoint(self, model, trial) -> None:
         if not self._hdpissa_owns_checkpoints():
@@ -248,6 +260,7 @@ class CheckpointMixin:
             self._hdpissa_in_checkpoint = False
         self._record_best_checkpoint(run_dir, tmp)
         self._barrier()
+        self._confirm_checkpoint_files(tmp, final)  # every rank, before anything is marked, published or rotated
         if self.args.should_save:
             mark_complete(tmp, {"global_step": self.state.global_step, "world_size": self.accelerator.num_processes,
                                 "method": self.method})
@@ -258,7 +271,6 @@ class CheckpointMixin:
                 self._push_from_checkpoint(final)
         self._hdpissa_pending_push = None
         self._barrier()
-        self._check_checkpoint_visible(final)
 
     def _record_best_checkpoint(self, run_dir: str, tmp: str) -> None:
         """transformers looks for the best checkpoint next to the one being written, i.e. in the temp dir here; record
@@ -272,27 +284,39 @@ class CheckpointMixin:
         if self.args.should_save:
             self.state.save_to_json(os.path.join(tmp, TRAINER_STATE_NAME))
 
-    def _check_checkpoint_visible(self, final: str) -> None:
-        """Every rank must see the published checkpoint with its own optimizer state: else the output directory is
-        not shared between nodes and ``save_on_each_node`` is off, and a resume would fail much later."""
+    def _confirm_checkpoint_files(self, tmp: str, final: str) -> None:
+        """Collective: every rank must see, in the checkpoint being written, the files its node's saving rank wrote
+        (``trainer_state.json``; the engine state) and its own (its optimizer state), or the checkpoint its node
+        publishes could not resume this rank (retried for ``FILES_VISIBLE_WAIT_S``: shared storage may show a file
+        late). If one rank does not, every rank raises BEFORE anything is marked complete, published or rotated (the
+        last good checkpoint stays). With W sharded every rank's DCP files were confirmed the same way as they were
+        written (``sharded_checkpoint.save_sharded_checkpoint``)."""
+        needed = [TRAINER_STATE_NAME]
         if self.hdpissa_sharded:
             from .sharded_checkpoint import META_NAME
 
-            if os.path.isfile(os.path.join(final, META_NAME)):
-                return
-            raise RuntimeError(
-                f"Checkpoint {final} is not visible on rank {self.accelerator.process_index} after rank 0 published it: "
-                f"output_dir is not on a filesystem that all nodes share. With W sharded (FSDP2) every rank writes its "
-                f"rows into the same checkpoint and a resume reads all of them: put output_dir on shared storage."
-            )
-        own = os.path.join(final, optimizer_state_name(self.accelerator.process_index))
-        if os.path.isdir(final) and (self.hdpissa_engine is None or os.path.isfile(own)):
+            needed.append(META_NAME)
+        elif self.hdpissa_engine is not None:
+            needed += [HDPISSA_STATE_NAME, optimizer_state_name(self.accelerator.process_index)]
+
+        def missing() -> list[str]:
+            return [name for name in needed if not os.path.isfile(os.path.join(tmp, name))]
+
+        def blind_ranks(flag: bool) -> list[int]:
+            if self.accelerator.num_processes == 1:
+                return [0] if flag else []
+            flags = self.accelerator.gather(torch.tensor([int(flag)], device=self.accelerator.device))
+            return [k for k, f in enumerate(flags.tolist()) if f]
+
+        blind, missing = wait_until_everyone_sees(missing, blind_ranks)
+        if not blind:
             return
+        me = self.accelerator.process_index
         raise RuntimeError(
-            f"Checkpoint {final} is not visible on rank {self.accelerator.process_index} (node-local rank "
-            f"{self.accelerator.local_process_index}) after rank 0 published it: output_dir is not on a filesystem "
-            f"that all nodes share. Set save_on_each_node=True (each node keeps its own complete copy) or put "
-            f"output_dir on a shared filesystem."
+            f"Checkpoint {final} was not published: rank(s) {blind} cannot see the files the saving rank wrote into "
+            f"{tmp}" + (f" (rank {me} misses {', '.join(missing)})" if missing else "") + ": output_dir is not on a "
+            "filesystem that all nodes share. Set save_on_each_node=True (each node keeps its own complete copy) or "
+            "put output_dir on a shared filesystem. Earlier checkpoints were left as they were."
         )
 
     def _save_hdpissa_state(self, ckpt_dir: str) -> None:

@@ -43,6 +43,44 @@ def requested_fsdp_plugin(args, accelerator):
     return plugin
 
 
+def fsdp2_requested(args) -> bool:
+    """Whether the run asks for FSDP2, decided from the training arguments and the launch environment alone (before
+    any accelerator or model exists)."""
+    from types import SimpleNamespace
+
+    nothing = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None), mixed_precision="no")
+    try:
+        return requested_fsdp_plugin(args, nothing) is not None
+    except ValueError:  # FSDP1: refused by check_parallelism with its own message
+        return False
+
+
+def machines(args=None) -> int:
+    """How many machines the launch spans: the world size over the processes started on this machine (torchrun,
+    hence ``accelerate launch``, exports both); 1 when the launcher does not say."""
+    world = int(os.environ.get("WORLD_SIZE", getattr(args, "world_size", 1) or 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return max(1, -(-world // max(local, 1)))
+
+
+def check_sharded_storage(args) -> None:
+    """Refuse, before anything is loaded, W sharded by rows (FSDP2) on several machines with ``save_on_each_node=True``.
+
+    ``save_on_each_node`` declares per-machine storage; a sharded checkpoint is one directory into which every process
+    writes its rows and from which a resume reads all of them, so no machine would ever hold a checkpoint it could
+    resume from (and the merged model is gathered onto one process only).
+    """
+    if not getattr(args, "save_on_each_node", False) or not fsdp2_requested(args) or machines(args) < 2:
+        return
+    raise ValueError(
+        f"save_on_each_node=True declares storage per machine, but with W sharded by rows (FSDP2) on "
+        f"{machines(args)} machines every checkpoint is one directory that all processes write their rows into and "
+        f"a resume reads whole: no machine would hold a checkpoint it can resume from. Put output_dir on storage "
+        f"every machine shares and set save_on_each_node=False, or train with W replicated (multi_node.yaml), where "
+        f"save_on_each_node gives every machine its own complete checkpoint."
+    )
+
+
 def shard_like_accelerate(model: nn.Module, accelerator, plugin) -> nn.Module:
     """``fully_shard`` the frozen ``model`` exactly as accelerate's FSDP2 preparation would; returns the model.
 

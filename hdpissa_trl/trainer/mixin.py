@@ -37,7 +37,7 @@ from ..engine.inject import inject_hdpissa
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
 from .checks import check_optimizer_trains_the_model, model_skeleton, refuse_optimizer_built_before_the_trainer
-from .fsdp import requested_fsdp_plugin, shard_like_accelerate
+from .fsdp import check_sharded_storage, requested_fsdp_plugin, shard_like_accelerate
 from .parallel import check_model_on_device, check_parallelism, load_whole_model_per_process
 
 METHODS = ("hdpissa", "pissa", "lora", "full")
@@ -141,6 +141,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             check_parallelism(training_args, given.get("model"), getattr(training_args, "world_size", 1))
             load_whole_model_per_process(training_args, given.get("model"))  # FSDP: not TRL's device_map="auto"
             self.hdpissa_check_before_loading(training_args, given.get("model"))
+            check_sharded_storage(training_args)
         super().__init__(*args, **self.hdpissa_parent_kwargs(kwargs))
         self._hdpissa_setup()
 
@@ -372,7 +373,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if self._hdpissa_in_checkpoint:
             return
         state_dict = self.hdpissa_engine.merged_state_dict(self.save_dtype)
-        if self.args.should_save:
+        if self.is_world_process_zero():  # the only process the merged model was gathered onto
             self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -8,7 +8,9 @@ One checkpoint directory holds, in DCP's format (one file per rank plus ``.metad
 * ``optimizer_rank{j}``: every device's optimizer state (its adapters are its own, so one key per rank);
 
 plus ``hdpissa_sharded.json`` (K, r, precision, layers, step) and a ``CHECKPOINT_COMPLETE`` marker. Writes are
-atomic: DCP writes into a hidden ``.tmp-<name>`` directory that rank 0 renames into place once every rank finished.
+atomic: DCP writes into a hidden ``.tmp-<name>`` directory that rank 0 renames into place once every rank has
+confirmed it sees every rank's files there (storage that every machine shares; else every rank raises and nothing is
+marked complete). A checkpoint being replaced stays under ``.old-<name>`` until the new one is in place.
 Resuming needs the same K (each device's slice, optimizer state and ``B0`` rows belong to one of K devices); another
 K is refused with the way out (the merged model of ``save_model``).
 """
@@ -18,13 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ..engine.layer import plain_key
+from ..engine.model import check_resume_config
 from ..engine.sharded import ShardedHDPiSSAEngine, reshard_all
+from .replace import replace_directory, restore_replaced, wait_until_everyone_sees
 
 META_NAME = "hdpissa_sharded.json"
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -48,6 +53,42 @@ def _barrier(group) -> None:
     dist.barrier(group=group)
 
 
+def _missing_files(target: str, metadata) -> list[str]:
+    """The files of a DCP checkpoint (every rank's, from the global metadata ``dcp.save`` returns on every rank, and
+    ``.metadata``) that this rank cannot see in ``target`` complete: absent, or shorter than what was written."""
+    ends: dict[str, int] = {".metadata": 0}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    missing = []
+    for name, end in sorted(ends.items()):
+        path = os.path.join(target, name)
+        if not os.path.isfile(path) or os.path.getsize(path) < end:
+            missing.append(name)
+    return missing
+
+
+def confirm_files_everywhere(missing: Callable[[], list[str]], group, where: str, device=None) -> None:
+    """Collective: every rank says whether it sees all the files of the checkpoint being written (retried for
+    ``FILES_VISIBLE_WAIT_S``); if one does not, every rank raises, before anything is marked complete, published or
+    rotated."""
+
+    def blind_ranks(flag: bool) -> list[int]:
+        table = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(table, torch.tensor([int(flag)], dtype=torch.int64, device=device), group=group)
+        return [k for k, f in enumerate(table.tolist()) if f]
+
+    blind, missing = wait_until_everyone_sees(missing, blind_ranks)
+    if blind:
+        mine = f" (this rank, {dist.get_rank(group)}, misses {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+        raise RuntimeError(
+            f"Checkpoint {where} was not published: rank(s) {blind} cannot see every process's files of it"
+            f"{mine if missing else ''}. With W sharded by rows (FSDP2) every process writes its rows into the same "
+            f"checkpoint and a resume reads all of them, so output_dir must be on storage that every machine shares "
+            f"(save_on_each_node cannot help: no node would hold a whole checkpoint). Earlier checkpoints were left "
+            f"as they were."
+        )
+
+
 def save_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHDPiSSAEngine,
                             optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
                             atomic: bool = True) -> None:
@@ -55,9 +96,11 @@ def save_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHD
 
     Call at an optimizer-step boundary (after the fold). ``extra``: JSON-able info stored in the metadata file. With
     ``atomic`` the files go to a hidden sibling directory renamed into place, with the ``CHECKPOINT_COMPLETE`` marker,
-    once every rank finished; ``atomic=False`` writes into ``checkpoint_dir`` directly (for a caller such as the
-    trainer that already writes into a temporary directory and marks it complete itself). The directory must be on a
-    file system every rank can reach (shared storage across machines).
+    once every rank has confirmed it sees every rank's files there (an existing ``checkpoint_dir`` is kept under
+    ``.old-NAME`` until the new one is in place); ``atomic=False`` writes into ``checkpoint_dir`` directly (for a
+    caller such as the trainer that already writes into a temporary directory and marks it complete itself). The
+    directory must be on a file system every rank can reach (shared storage across machines): if a rank cannot see
+    all files, every rank raises and nothing is marked complete or replaced.
     """
     group, rank = engine.group, dist.get_rank(engine.group)
     final = os.path.abspath(os.fspath(checkpoint_dir))
@@ -66,10 +109,12 @@ def save_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHD
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
         if atomic:
+            restore_replaced(final)  # a crash while an earlier save replaced it: put the old copy back first
             shutil.rmtree(target, ignore_errors=True)  # leftover of a save that crashed: never complete
     _barrier(group)
-    dcp.save(_checkpoint_state(engine, optimizer), checkpoint_id=target, process_group=group)
-    _barrier(group)
+    metadata = dcp.save(_checkpoint_state(engine, optimizer), checkpoint_id=target, process_group=group)
+    device = engine.layers[0].A0_all.device if engine.layers else None
+    confirm_files_everywhere(lambda: _missing_files(target, metadata), group, final, device)
     if rank == 0:
         meta = {"format": FORMAT, **engine.metadata(), "has_optimizer": optimizer is not None, "extra": extra or {}}
         with open(os.path.join(target, META_NAME), "w") as f:
@@ -79,9 +124,7 @@ def save_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHD
                 f.write(str(engine.step))
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(target, final)
+            replace_directory(target, final)
     _barrier(group)
 
 
@@ -95,7 +138,8 @@ def read_sharded_metadata(checkpoint_dir: str | os.PathLike) -> dict | None:
 
 
 def check_resumable(meta: dict, engine: ShardedHDPiSSAEngine, checkpoint_dir: str) -> None:
-    """Refuse, before anything is loaded, a checkpoint of another K, r, precision or layer set."""
+    """Refuse, before anything is loaded, a checkpoint of another K, r, precision or layer set, or of any other
+    ``HDPiSSAConfig`` field but the operational ones (the replicated engine's rule, :func:`check_resume_config`)."""
     now = engine.metadata()
     if meta.get("world_size") != now["world_size"]:
         raise ValueError(
@@ -115,6 +159,7 @@ def check_resumable(meta: dict, engine: ShardedHDPiSSAEngine, checkpoint_dir: st
                 got, want = f"{len((got or '').split(','))} layers", f"{len(engine.names)} layers"
             raise ValueError(f"Cannot resume from {checkpoint_dir}: it was made with a different {what} "
                              f"(checkpoint: {got}, now: {want}).")
+    check_resume_config(meta, engine.config)
 
 
 def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -154,6 +199,7 @@ def load_sharded_checkpoint(checkpoint_dir: str | os.PathLike, engine: ShardedHD
     layer set, before anything is loaded. Resume is exact: the next steps give the same bits as an uninterrupted run.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
+    restore_replaced(checkpoint_dir)  # a crash while a save replaced it left the old copy under .old-NAME
     meta = _validated_metadata(checkpoint_dir, engine)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise ValueError(f"Cannot resume the optimizer from {checkpoint_dir}: it was saved without optimizer state.")

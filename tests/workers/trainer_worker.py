@@ -106,7 +106,8 @@ def setup_record(trainer) -> dict:
         record["A_setup"] = {n: lyr.lora_A.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
         record["W_start"] = {n: lyr.base_layer.weight.detach().clone() for n, lyr in zip(eng.names, eng.layers)}
         record["A0_all"] = {n: lyr.A0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
-        record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)}
+        record["B0_all"] = {n: lyr.B0_all.clone() for n, lyr in zip(eng.names, eng.layers)
+                            if hasattr(lyr, "B0_all")}  # W sharded: each rank keeps only its rows of B0
         record["scale"] = eng.config.scale
     return record
 
@@ -239,6 +240,7 @@ def main() -> None:
     ap.add_argument("--hub_model_id", default=None, help="push to this repo (hub_strategy='checkpoint')")
     ap.add_argument("--grad_scaler", action="store_true", help="an fp16-style GradScaler (CPU), as on a GPU")
     ap.add_argument("--save_on_each_node", action="store_true")
+    ap.add_argument("--save_total_limit", type=int, default=None)
     args = ap.parse_args()
 
     cfg = SFTConfig(
@@ -247,7 +249,7 @@ def main() -> None:
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, report_to=[],
         max_length=32, seed=7, optim=args.optim, lr_scheduler_type="cosine", warmup_steps=1, dataloader_num_workers=0,
         max_grad_norm=0.0 if args.grad_scaler else 1.0, ddp_timeout=args.ddp_timeout, hub_token=args.hub_token,
-        save_on_each_node=args.save_on_each_node,
+        save_on_each_node=args.save_on_each_node, save_total_limit=args.save_total_limit,
         push_to_hub=args.hub_model_id is not None, hub_model_id=args.hub_model_id, hub_strategy="checkpoint",
         log_level="info" if args.hub_token else "passive",
     )
