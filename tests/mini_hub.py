@@ -12,7 +12,8 @@ as recorded from ``trainer.push_to_hub()`` (also with ``hub_strategy="checkpoint
 
 Every file is uploaded "regular" (inline), so neither LFS nor Xet is involved. Any other request gets
 pytest-httpserver's "no handler" answer and fails :meth:`MiniHub.check`. Known to match the ``huggingface_hub``
-versions the ``test`` extra allows (checked with 2.4). The token is never stored or logged.
+versions the ``test`` extra allows (checked with 2.4) and 1.33.0, the release of the GPU set
+(``tools/gpu-constraints.txt``; ``tests/test_push.py`` passed with it). The token is never stored or logged.
 """
 
 from __future__ import annotations
