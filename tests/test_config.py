@@ -12,6 +12,7 @@ from hdpissa_trl import HDPiSSAConfig
         ({"lora_dropout": 1.0}, "lora_dropout must be in"),
         ({"init_method": "qr"}, "init_method must be one of"),
         ({"precision": "fp8"}, "precision must be one of"),
+        ({"fold_matmul": "bf16"}, r"fold_matmul must be one of \('auto', 'ieee', 'tf32'\)"),
         ({"bucket_size_mb": -1}, "bucket_size_mb must be >= 0"),
         ({"sync_check_steps": -1}, "sync_check_steps must be >= 0"),
         ({"on_sync_mismatch": "ignore"}, "on_sync_mismatch must be one of"),
@@ -53,3 +54,18 @@ def test_from_peft_maps_settings_and_refuses_what_has_no_equivalent():
 def test_to_dict_round_trips():
     cfg = HDPiSSAConfig(r=3, lora_alpha=6, target_modules=["q_proj"], strict_rank=True, seed=9)
     assert HDPiSSAConfig(**cfg.to_dict()) == cfg
+
+
+def test_fold_matmul_resolves_per_device_and_a_resume_may_change_it():
+    """``auto`` is TF32 on CUDA and plain fp32 elsewhere; it changes how the fold's GEMM rounds, not what the run
+    computes, so a resume may pick another value (an operational field)."""
+    import torch
+
+    from hdpissa_trl.engine.config import OPERATIONAL_FIELDS
+    from hdpissa_trl.engine.precision import resolve_fold_matmul
+
+    assert HDPiSSAConfig().fold_matmul == "auto" and "fold_matmul" in OPERATIONAL_FIELDS
+    assert resolve_fold_matmul("auto", torch.device("cpu")) == "ieee"
+    assert resolve_fold_matmul("auto", torch.device("cuda", 0)) == "tf32"
+    assert resolve_fold_matmul("ieee", torch.device("cuda", 0)) == "ieee"
+    assert resolve_fold_matmul("tf32", torch.device("cpu")) == "tf32"

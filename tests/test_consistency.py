@@ -34,7 +34,7 @@ def test_checksum_matches_definition_and_any_chunking(dtype):
     original = t.clone()
     ref = slow_checksum(t)
     assert tensor_checksum(t, chunk=None).item() == ref
-    for chunk in (1, 7, 65521, 70_000, 70_001, 10**6):
+    for chunk in (1, 7, 65521, 70_000, 70_001, 10**6, CHECKSUM_CHUNK):  # 65521, CHECKSUM_CHUNK: shared weights
         assert tensor_checksum(t, chunk=chunk).item() == ref, chunk
     assert torch.equal(t.view(INT_OF_SIZE[t.element_size()]), original.view(INT_OF_SIZE[t.element_size()]))
 
@@ -111,17 +111,17 @@ def test_checksum_gpu_peak_memory_is_one_chunk():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    chunked = tensor_checksum(w)
-    torch.cuda.synchronize()
-    chunked_peak = torch.cuda.max_memory_allocated() - base
-    torch.cuda.reset_peak_memory_stats()
-    whole = tensor_checksum(w, chunk=None)
-    torch.cuda.synchronize()
-    whole_peak = torch.cuda.max_memory_allocated() - base
-    print(f"\nGPU peak temporaries: chunked {chunked_peak / 2**20:.1f} MiB, whole {whole_peak / 2**20:.1f} MiB")
-    assert chunked.item() == whole.item() == tensor_checksum(w.cpu()).item()
-    assert chunked_peak <= 16 * CHECKSUM_CHUNK + 2**20
-    assert whole_peak >= 16 * w.numel()
+    peaks, sums = {}, {}
+    for name, kwargs in (("chunked", {"fused": False}), ("whole", {"chunk": None, "fused": False}),
+                         ("fused", {"fused": True})):  # fused: one compiled reduction (the default on CUDA)
+        torch.cuda.reset_peak_memory_stats()
+        sums[name] = tensor_checksum(w, **kwargs)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    print(f"\nGPU peak temporaries (MiB): { {k: round(v / 2**20, 1) for k, v in peaks.items()} }")
+    assert sums["chunked"].item() == sums["whole"].item() == sums["fused"].item() == tensor_checksum(w.cpu()).item()
+    assert peaks["chunked"] <= 16 * CHECKSUM_CHUNK + 2**20 and peaks["fused"] <= 2**20
+    assert peaks["whole"] >= 16 * w.numel()
 
 
 def run_workers(tmp_path, K: int, *args: str) -> list[dict]:

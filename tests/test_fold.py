@@ -218,3 +218,160 @@ def test_fold_on_gpu_times_device_work_not_kernel_launches():
     print(f"\nGPU fold of 8 layers 8192x8192: host clock without sync {launched * 1e3:.2f} ms, synchronised "
           f"{waited * 1e3:.2f} ms, FoldStats.seconds {stats.seconds * 1e3:.2f} ms")
     assert stats.seconds <= waited * 1.05 and stats.seconds >= 0.5 * waited
+
+
+# ------------------------------------------------------------------------------------- what one fold launches
+VIEW_OPS = {"aten::view", "aten::reshape", "aten::slice", "aten::select", "aten::permute", "aten::t", "aten::detach",
+            "aten::unsqueeze", "aten::as_strided", "aten::empty", "aten::empty_strided", "aten::alias", "aten::expand",
+            "aten::_unsafe_view", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::to"}
+
+
+def _works(event) -> bool:
+    """An operator that does work itself or through one it calls (``reshape`` of a non-contiguous slice copies)."""
+    return event.name not in VIEW_OPS or any(c.name.startswith("aten::") and _works(c) for c in event.cpu_children)
+
+
+def _layers(n_layers: int, K: int, r: int, m: int, n: int, dtype=torch.float32, precision="fp32", **kw):
+    from hdpissa_trl.engine.layer import HDPiSSALinear
+    from hdpissa_trl.engine.precision import WeightUpdater
+
+    g = torch.Generator().manual_seed(0)
+    layers, updaters = [], []
+    for i in range(n_layers):
+        base = nn.Linear(n, m, bias=False)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(m, n, generator=g))
+        base.to(dtype)
+        layer = HDPiSSALinear(base, r, 0, K, 2.0, name=f"l{i}")
+        layer.set_initial_factors(torch.randn(K * r, n, generator=g), torch.randn(m, K * r, generator=g))
+        with torch.no_grad():
+            layer.lora_A.add_(1e-3 * torch.randn(r, n, generator=g))
+            layer.lora_B.add_(1e-3 * torch.randn(m, r, generator=g))
+        layers.append(layer)
+        updaters.append(WeightUpdater(base.weight, precision, layer_index=i, **kw))
+    return layers, updaters
+
+
+def _profiled_fold(layers, updaters):
+    from torch.profiler import ProfilerActivity, profile
+
+    from hdpissa_trl.engine.fold import fold_deltas
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fold_deltas(layers, updaters, step=1)
+    events = prof.events()
+    ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::") and _works(e))
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.time_range.start):  # every allocation minus every free, in time order
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return ops, peak
+
+
+@pytest.mark.parametrize("dtype,precision,per_layer", [(torch.float32, "fp32", 5), (torch.bfloat16, "fp32", 6)])
+def test_fold_operators_per_layer(dtype, precision, per_layer):
+    """Per adapted layer the fold runs the operand construction (4 operators: A0 + dA and dA into one block, s·dB and
+    s·B0 into the other), one GEMM into W or its master, and, with a master, one cast into W; the delta buffer and the
+    adapter reset are multi-tensor operations whose count does not grow with the layers. (The fold before this
+    measured 8 and 11 per layer: a subtraction per factor, copies of the gathered slices, two concatenations, and with
+    a master a separate m×n product, its scaling and its add.) On a GPU every operator is at least one kernel."""
+    few, _ = _profiled_fold(*_layers(2, 1, 2, 24, 16, dtype, precision))  # fold_deltas of one device: K = 1
+    many, _ = _profiled_fold(*_layers(8, 1, 2, 24, 16, dtype, precision))
+    assert (many - few) / 6 == per_layer
+
+
+def test_fold_with_a_master_adds_no_weight_sized_temporary():
+    """bf16 W with an fp32 master: the product goes straight into the master (``addmm_``), so the fold's temporaries
+    are the thin operands (m × 2Kr and 2Kr × n), not an m×n fp32 product (256 KiB here; the fold before this peaked
+    at 270 KiB)."""
+    m = n = 256
+    layers, updaters = _layers(1, 1, 2, m, n, torch.bfloat16, "fp32")
+    _, peak = _profiled_fold(layers, updaters)
+    assert 0 < peak < m * n * 4 / 4, peak
+
+
+def test_tf32_fold_rounds_the_operands_as_tensor_cores_read_them():
+    """``fold_matmul="tf32"`` off CUDA: the operands keep their first 10 mantissa bits (what TF32 tensor cores read),
+    then a plain fp32 GEMM. Reference: the fp64 product of the truncated operands, written out here."""
+    from hdpissa_trl.engine.fold import fold_gathered
+    from hdpissa_trl.engine.precision import round_to_tf32
+
+    x = torch.tensor([1 + 2**-10, 1 + 2**-11, -(1 + 2**-10 + 2**-11), 3.0, float("inf"), float("nan")])
+    got = round_to_tf32(x)
+    assert got[:4].tolist() == [1 + 2**-10, 1.0, -(1 + 2**-10), 3.0] and got[4] == float("inf") and got[5].isnan()
+
+    def truncate(t):  # drop the 13 low mantissa bits of every element, one at a time
+        return torch.tensor([torch.tensor([v]).view(torch.int32).item() & ~0x1FFF for v in t.reshape(-1).tolist()],
+                            dtype=torch.int32).view(torch.float32).view(t.shape)
+
+    K, r, m, n = 2, 2, 12, 10
+    runs = {}
+    for mode in ("ieee", "tf32"):
+        layers, updaters = _layers(1, K, r, m, n, fold_matmul=mode)
+        layer = layers[0]
+        w0 = layer.base_layer.weight.detach().clone()
+        dA, dB = (layer.lora_A - layer.A0).detach(), (layer.lora_B - layer.B0).detach()
+        # K = 2 devices, device 1 sent zero deltas: W += s·[dB_0 | 0 | B0_all] @ [A0_all + (dA_0; 0) ; (dA_0; 0)].
+        dA_all = torch.cat([dA, torch.zeros(r, n)])
+        left = torch.cat([dB, torch.zeros(m, r), layer.B0_all], dim=1) * layer.scale
+        right = torch.cat([layer.A0_all + dA_all, dA_all], dim=0)
+        gathered = torch.cat([torch.cat([dA.reshape(-1), dB.reshape(-1)])[None], torch.zeros(1, r * (m + n))])
+        fold_gathered(layers, updaters, gathered, step=1)
+        runs[mode] = (w0, layer.base_layer.weight.detach().clone(), left.detach(), right.detach())
+    w0, w_ieee, left, right = runs["ieee"]
+    exact = left.double() @ right.double()
+    expected_tf32 = truncate(left).double() @ truncate(right).double()
+    torch.testing.assert_close(runs["tf32"][1].double() - w0.double(), expected_tf32, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w_ieee.double() - w0.double(), exact, rtol=0, atol=1e-6)
+    assert not torch.equal(runs["tf32"][1], w_ieee)
+    # The precision consequence: the update is off by a few parts in 2^10 of its size.
+    assert (expected_tf32 - exact).norm() / exact.norm() < 2**-9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (TF32 tensor cores, Triton)")
+def test_gpu_fold_tf32_is_deterministic_and_fused_passes_equal_the_eager_ones():
+    """On CUDA: (a) the TF32 fold gives the same bits twice from the same state (what K devices compute) and stays
+    within 2^-9 of the IEEE fold's update; the process's TF32 setting is what it was before; (b) the compiled Kahan,
+    stochastic-rounding and checksum passes give the eager passes' bits."""
+    from hdpissa_trl.engine import precision
+    from hdpissa_trl.engine.consistency import tensor_checksum
+    from hdpissa_trl.engine.fold import fold_gathered
+    from hdpissa_trl.engine.layer import HDPiSSALinear
+    from hdpissa_trl.engine.precision import WeightUpdater
+
+    dev = torch.device("cuda")
+    before = torch.backends.cuda.matmul.fp32_precision
+    g = torch.Generator(device=dev).manual_seed(0)
+    K, r, m, n = 8, 16, 1024, 4096
+    w0 = torch.randn(m, n, generator=g, device=dev)
+    A0, B0 = torch.randn(K * r, n, generator=g, device=dev), torch.randn(m, K * r, generator=g, device=dev)
+    gathered = 1e-3 * torch.randn(K, r * (m + n), generator=g, device=dev)
+    results = {}
+    for mode in ("tf32", "tf32", "ieee"):
+        base = nn.Linear(n, m, bias=False, device=dev)
+        with torch.no_grad():
+            base.weight.copy_(w0)
+        layer = HDPiSSALinear(base, r, 0, K, 1.0)
+        layer.set_initial_factors(A0, B0)
+        fold_gathered([layer], [WeightUpdater(base.weight, "fp32", fold_matmul=mode)], gathered, 1)
+        torch.cuda.synchronize()
+        results.setdefault(mode, []).append(base.weight.detach().clone())
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    assert torch.equal(results["tf32"][0], results["tf32"][1])
+    d_tf32, d_ieee = results["tf32"][0] - w0, results["ieee"][0] - w0
+    assert (d_tf32 - d_ieee).norm() / d_ieee.norm() < 2**-9
+
+    w = torch.randn(1 << 22, generator=g, device=dev).to(torch.bfloat16)
+    c = (1e-3 * torch.randn(1 << 22, generator=g, device=dev)).to(torch.bfloat16)
+    delta = 1e-3 * torch.randn(1 << 22, generator=g, device=dev)
+    pairs = [(w.clone(), c.clone()), (w.clone(), c.clone())]
+    for (wi, ci), fused in zip(pairs, (True, False)):
+        precision.kahan_update(wi, ci, delta, fused=fused)
+    assert torch.equal(pairs[0][0], pairs[1][0]) and torch.equal(pairs[0][1], pairs[1][1])
+    a, b = w.clone(), w.clone()
+    precision.stochastic_round_update(a, delta, key=99, fused=True)
+    precision.stochastic_round_update(b, delta, key=99, fused=False)
+    assert torch.equal(a, b) and not torch.equal(a, w)
+    assert tensor_checksum(w, fused=True).item() == tensor_checksum(w, fused=False).item() == tensor_checksum(
+        w.cpu()).item()

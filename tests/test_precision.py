@@ -49,14 +49,66 @@ def test_stochastic_rounding_tracks_fp32_on_average():
 
 
 def test_stochastic_rounding_unbiased_and_deterministic():
-    x = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way from 1.0 to the next bf16 (1 + 2^-7)... 1/8
-    g1 = torch.Generator().manual_seed(0)
-    g2 = torch.Generator().manual_seed(0)
-    a = stochastic_round_to_bf16(x, g1)
-    b = stochastic_round_to_bf16(x, g2)
-    assert torch.equal(a, b)
+    x = torch.full((200_000,), 1.0 + 2**-10)  # 1/8 of the way from 1.0 to the next bf16 (1 + 2^-7)
+    a = stochastic_round_to_bf16(x, key=7)
+    assert torch.equal(a, stochastic_round_to_bf16(x, key=7))
+    assert not torch.equal(a, stochastic_round_to_bf16(x, key=8))
     assert set(a.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert a.float().mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
+
+
+def test_rounding_noise_is_uniform_and_uncorrelated():
+    """The 16 random bits per element (a hash of position and key): uniform over their range, no correlation between
+    neighbours or between two keys: what makes stochastic rounding unbiased element by element."""
+    from hdpissa_trl.engine.precision import rounding_key, rounding_noise
+
+    index = torch.arange(1 << 20, dtype=torch.int64)
+    a = rounding_noise(index, *divmod(rounding_key(0, 1, 0), 2**32)[::-1]).double()
+    b = rounding_noise(index, *divmod(rounding_key(0, 2, 0), 2**32)[::-1]).double()
+    assert a.min() >= 0 and a.max() <= 65535
+    counts = torch.bincount((a // 4096).long(), minlength=16).double()  # 16 bins of 2^12 values
+    expected = index.numel() / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 50  # chi-square, 15 degrees of freedom (p ~ 1e-5)
+    for x, y in ((a[:-1], a[1:]), (a, b)):
+        assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < 0.01
+
+
+def test_stochastic_rounding_bits_do_not_depend_on_the_chunking(monkeypatch):
+    """The eager update works in passes of UPDATE_CHUNK elements; the random bits belong to each element's position,
+    so any pass size gives the same W (and the fused CUDA kernel, one pass, the same bits again)."""
+    from hdpissa_trl.engine import precision
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(300, 70, generator=g).to(torch.bfloat16)
+    delta = 1e-3 * torch.randn(300, 70, generator=g)
+    results = []
+    for chunk in (precision.UPDATE_CHUNK, 1000, 7):
+        monkeypatch.setattr(precision, "UPDATE_CHUNK", chunk)
+        w = w0.clone()
+        precision.stochastic_round_update(w, delta, key=12345, fused=False)
+        results.append(w)
+    assert not torch.equal(results[0], w0)
+    assert all(torch.equal(r, results[0]) for r in results)
+    # One call over the whole tensor is stochastic_round_to_bf16 of the fp32 sum with the same key.
+    assert torch.equal(results[0], stochastic_round_to_bf16(w0.float() + delta, key=12345))
+
+
+def test_kahan_update_is_the_kahan_formula_in_any_chunking(monkeypatch):
+    from hdpissa_trl.engine import precision
+
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(257, 33, generator=g).to(torch.bfloat16)
+    c0 = (1e-3 * torch.randn(257, 33, generator=g)).to(torch.bfloat16)
+    delta = 1e-3 * torch.randn(257, 33, generator=g)
+    # The formula written out: y = delta - c; t = w + y (rounded to bf16); c = (t - w) - y; w = t.
+    y = delta - c0.float()
+    t = (w0.float() + y).to(torch.bfloat16)
+    c_ref = ((t.float() - w0.float()) - y).to(torch.bfloat16)
+    for chunk in (precision.UPDATE_CHUNK, 100):
+        monkeypatch.setattr(precision, "UPDATE_CHUNK", chunk)
+        w, c = w0.clone(), c0.clone()
+        precision.kahan_update(w, c, delta, fused=False)
+        assert torch.equal(w, t) and torch.equal(c, c_ref)
 
 
 def test_state_roundtrip_checks_mode():
@@ -91,3 +143,33 @@ def test_addmm_adds_the_scaled_product(mode, dtype):
     torch.testing.assert_close(ua.full_precision_weight(a).double(), ub.full_precision_weight(b).double(),
                                rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
     assert not torch.equal(a, w0)
+
+
+@pytest.mark.slow
+def test_fused_passes_compute_the_eager_bits():
+    """The passes CUDA runs as compiled kernels, compiled here exactly as the engine compiles them (Inductor's CPU
+    backend; on a GPU Triton's, see the gpu-marked test in test_fold.py), give the eager path's bits: Kahan (both W and
+    the compensation: Inductor skips low-precision casts unless told not to), stochastic rounding, the checksum."""
+    from hdpissa_trl.engine import precision
+    from hdpissa_trl.engine.consistency import _checksum_flat, tensor_checksum
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3000 * 70, generator=g).to(torch.bfloat16)
+    c0 = (1e-3 * torch.randn(3000 * 70, generator=g)).to(torch.bfloat16)
+    delta = 1e-3 * torch.randn(3000 * 70, generator=g)
+    w, c, we, ce = w0.clone(), c0.clone(), w0.clone(), c0.clone()
+    precision.compile_elementwise(precision._kahan_flat)(w, c, delta)
+    precision.kahan_update(we, ce, delta, fused=False)
+    assert torch.equal(w, we) and torch.equal(c, ce) and not torch.equal(c, c0)
+
+    sr = precision.compile_elementwise(precision._stochastic_round_flat)
+    for n, key in ((3000 * 70, precision.rounding_key(3, 5, 7)), (5000, (2 << 32) | 1)):  # a second shape and key
+        w, we = w0[:n].clone(), w0[:n].clone()
+        sr(w, delta[:n], key & 0xFFFFFFFF, key >> 32, 0)
+        precision.stochastic_round_update(we, delta[:n], key, fused=False)
+        assert torch.equal(w, we) and not torch.equal(w, w0[:n])
+
+    checksum = precision.compile_elementwise(_checksum_flat)
+    x = torch.randn(2_000_003, generator=g)
+    assert checksum(x.view(torch.int32)).item() == tensor_checksum(x).item()
+    assert checksum(w0.view(torch.int16)).item() == tensor_checksum(w0).item()

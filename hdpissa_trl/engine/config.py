@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, field
 
 INIT_METHODS = ("svd", "randomized")
 PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
+FOLD_MATMUL = ("auto", "ieee", "tf32")
 ON_MISMATCH = ("raise", "resync")
 # Fields that change how a run is carried out, not what it computes: a resume may change them; any other field of
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
-OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm")
+OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm",
+                      "fold_matmul")
 SHARDED_COMM = ("auto", "all_gather", "all_to_all")
 SUBSPACE_MODES = ("fixed", "refactor", "rotate", "gradient", "moving")
 
@@ -38,6 +40,11 @@ class HDPiSSAConfig:
             precision: how the full weight ``W`` absorbs each fold: ``"fp32"`` (fp32 master copy), ``"bf16_kahan"``
                 (bf16 weight + bf16 Kahan compensation), ``"bf16_sr"`` (bf16 weight, stochastic rounding) or
                 ``"model"`` (plain add in the model dtype; loses small updates in bf16).
+            fold_matmul: precision of the fold's GEMM (fp32 factors): ``"ieee"`` (plain fp32), ``"tf32"`` (inputs cut
+                to TF32's 10 mantissa bits, fp32 accumulation: tensor cores on CUDA, the same input rounding before an
+                fp32 GEMM elsewhere) or ``"auto"`` (TF32 on CUDA, plain fp32 elsewhere). Every device computes the
+                same bits either way; TF32 changes each fold's update by at most about 2^-9 of its size
+                (docs/parallelism.md).
         Communication and safety:
             bucket_size_mb: W replicated: cap of one gather buffer in MiB, what a device sends; 0 means a single
                 buffer (one collective per step). W sharded (FSDP2): cap of what a rank RECEIVES per exchange (K times
@@ -84,6 +91,11 @@ class HDPiSSAConfig:
     precision: str = field(
         default="fp32",
         metadata={"help": "How W absorbs folds: 'fp32' master, 'bf16_kahan', 'bf16_sr' or 'model' (plain dtype)."},
+    )
+    fold_matmul: str = field(
+        default="auto",
+        metadata={"help": "Precision of the fold's GEMM: 'ieee' (plain fp32), 'tf32' (TF32 tensor cores on CUDA, the "
+                          "same input rounding elsewhere) or 'auto' (tf32 on CUDA, ieee elsewhere)."},
     )
     bucket_size_mb: float = field(
         default=0.0, metadata={"help": "Max MiB per gather buffer (W sharded: per receive buffer); 0 = one buffer, "
@@ -139,6 +151,8 @@ class HDPiSSAConfig:
             raise ValueError(f"HDPiSSAConfig.n_iter must be >= 0, got {self.n_iter!r}.")
         if self.precision not in PRECISION_MODES:
             raise ValueError(f"HDPiSSAConfig.precision must be one of {PRECISION_MODES}, got {self.precision!r}.")
+        if self.fold_matmul not in FOLD_MATMUL:
+            raise ValueError(f"HDPiSSAConfig.fold_matmul must be one of {FOLD_MATMUL}, got {self.fold_matmul!r}.")
         if self.bucket_size_mb < 0:
             raise ValueError(f"HDPiSSAConfig.bucket_size_mb must be >= 0, got {self.bucket_size_mb!r}.")
         if self.sharded_comm not in SHARDED_COMM:

@@ -115,12 +115,39 @@ def make_buckets(layers: list[HDPiSSALinear], bucket_bytes: int) -> list[list[in
 
 @torch.no_grad()
 def local_delta_buffer(layers: list[HDPiSSALinear]) -> torch.Tensor:
-    """This device's ``[dA (r·n) | dB (m·r)]`` of each layer, concatenated in layer order, fp32."""
-    parts = []
-    for layer in layers:
-        parts.append((layer.lora_A - layer.A0).reshape(-1))
-        parts.append((layer.lora_B - layer.B0).reshape(-1))
-    return torch.cat(parts).to(torch.float32)
+    """This device's ``[dA (r·n) | dB (m·r)]`` of each layer, concatenated in layer order, fp32.
+
+    Written straight into one flat buffer by multi-tensor operations (copy the adapters, subtract their initial
+    values), instead of two subtractions per layer and a concatenation. The A and B sides go in separate calls: ``B0``
+    is a column slice of ``B0_all``, and one strided tensor would send a whole multi-tensor call down the per-tensor
+    path on CUDA.
+    """
+    if not layers:
+        return torch.zeros(0, dtype=torch.float32)
+    out = torch.empty(sum(lyr.lora_A.numel() + lyr.lora_B.numel() for lyr in layers), dtype=torch.float32,
+                      device=layers[0].lora_A.device)
+    sides = {"A": ([], [], []), "B": ([], [], [])}  # (views into out, adapters, initial values)
+    offset = 0
+    for lyr in layers:
+        for side, param, init in (("A", lyr.lora_A, lyr.A0), ("B", lyr.lora_B, lyr.B0)):
+            views, params, inits = sides[side]
+            views.append(out[offset:offset + param.numel()].view(param.shape))
+            params.append(param.detach())
+            inits.append(init)
+            offset += param.numel()
+    for views, params, inits in sides.values():
+        torch._foreach_copy_(views, params)
+        torch._foreach_sub_(views, inits)
+    return out
+
+
+@torch.no_grad()
+def reset_adapters(layers: list[HDPiSSALinear]) -> None:
+    """``A ← A0``, ``B ← B0`` of every layer (in place, so optimizer state keeps pointing at the same tensors): one
+    multi-tensor copy per side instead of two copies per layer."""
+    if layers:
+        torch._foreach_copy_([lyr.lora_A.detach() for lyr in layers], [lyr.A0 for lyr in layers])
+        torch._foreach_copy_([lyr.lora_B.detach() for lyr in layers], [lyr.B0 for lyr in layers])
 
 
 def gather_buffers(local: torch.Tensor, group=None, step: int | None = None) -> tuple[torch.Tensor, int]:
@@ -136,25 +163,44 @@ def gather_buffers(local: torch.Tensor, group=None, step: int | None = None) -> 
 
 @torch.no_grad()
 def fold_layer(layer: HDPiSSALinear, gathered: torch.Tensor, offset: int, updater: WeightUpdater, step: int,
-               move_factors: bool = False) -> int:
+               move_factors: bool = False, reset: bool = True) -> int:
     """Fold one layer from the gathered ``(K, numel)`` buffer starting at ``offset``; returns the next offset.
 
+    The GEMM's operands are written once each, straight from the gathered buffer: ``left = s·[dB_1..dB_K | B0_all]``
+    (m × 2Kr, scaled here so no kernel scales the m×n product) and ``right = [A0_all + dA_all ; dA_all]`` (2Kr × n).
     ``move_factors``: afterwards every device's factors become its adapter's new values (``subspace="moving"``).
+    ``reset=False`` leaves the adapter reset to the caller (:func:`reset_adapters`, all layers at once).
     """
     r, n, m = layer.r, layer.in_features, layer.out_features
     K = gathered.shape[0]
-    na, nb = r * n, m * r
-    dA_all = gathered[:, offset:offset + na].reshape(K * r, n)  # rows k·r..(k+1)·r = dA_k
-    dB_all = gathered[:, offset + na:offset + na + nb].reshape(K, m, r).permute(1, 0, 2).reshape(m, K * r)
-    A_all = layer.A0_all + dA_all
-    left = torch.cat([dB_all, layer.B0_all], dim=1)  # (m, 2Kr)
-    right = torch.cat([A_all, dA_all], dim=0)  # (2Kr, n)
-    updater.addmm(layer.base_layer.weight, left, right, layer.scale, step)
+    Kr, na, nb = K * r, r * n, m * r
+    dA = gathered[:, offset:offset + na].view(K, r, n)  # dA_k = dA[k]
+    dB = gathered[:, offset + na:offset + na + nb].view(K, m, r).permute(1, 0, 2)  # (m, K, r): dB_k = dB[:, k]
+    right = torch.empty(2 * Kr, n, dtype=torch.float32, device=gathered.device)
+    torch.add(layer.A0_all.view(K, r, n), dA, out=right[:Kr].view(K, r, n))  # A_k = A0_k + dA_k
+    right[Kr:].view(K, r, n).copy_(dA)
+    left = torch.empty(m, 2 * Kr, dtype=torch.float32, device=gathered.device)
+    torch.mul(dB, layer.scale, out=left[:, :Kr].view(m, K, r))
+    torch.mul(layer.B0_all, layer.scale, out=left[:, Kr:])
+    updater.addmm(layer.base_layer.weight, left, right, 1.0, step)
     if move_factors:
-        layer.A0_all.copy_(A_all)
-        layer.B0_all.add_(dB_all)
-    layer.reset_adapter()
+        layer.A0_all.copy_(right[:Kr])
+        layer.B0_all.view(m, K, r).add_(dB)
+    if reset:
+        layer.reset_adapter()
     return offset + na + nb
+
+
+@torch.no_grad()
+def fold_gathered(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], gathered: torch.Tensor, step: int,
+                  move_factors: bool = False, reset: bool = True) -> None:
+    """Fold every layer from one gathered ``(K, numel)`` buffer (the layers' deltas in order), then reset every
+    adapter at once (``reset=False``: the caller does). What every device runs after the all-gather."""
+    offset = 0
+    for layer, updater in zip(layers, updaters):
+        offset = fold_layer(layer, gathered, offset, updater, step, move_factors, reset=False)
+    if reset:
+        reset_adapters(layers)
 
 
 def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step: int, group=None,
@@ -175,9 +221,9 @@ def fold_deltas(layers: list[HDPiSSALinear], updaters: list[WeightUpdater], step
         if ncoll:
             stats.bytes_sent += local.numel() * local.element_size()
             stats.bytes_received += (world - 1) * local.numel() * local.element_size()
-        offset = 0
-        for i in bucket:
-            offset = fold_layer(layers[i], gathered, offset, updaters[i], step, move_factors)
+        fold_gathered([layers[i] for i in bucket], [updaters[i] for i in bucket], gathered, step, move_factors,
+                      reset=False)
+    reset_adapters(layers)
     stats.update_rank_bound = update_rank_bound(layers, world)
     stats.fold_timer.stop()
     return stats

@@ -177,7 +177,7 @@ class HDPiSSAEngine:
             _set_submodule(self.model, name, layer)
             self.names.append(name)
             self.layers.append(layer)
-            self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i))
+            self.updaters.append(WeightUpdater(module.weight, config.precision, config.seed, i, config.fold_matmul))
 
     # -- training ----------------------------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:

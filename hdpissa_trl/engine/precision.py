@@ -8,18 +8,29 @@ bf16. The modes here keep the update:
   the model is already fp32).
 * ``bf16_kahan``: the weight stays bf16; a bf16 compensation buffer carries what rounding dropped to the next step.
 * ``bf16_sr``: the weight stays bf16; the fp32 sum is rounded up or down at random with probability proportional to
-  the distance, so rounding is unbiased in expectation. The random bits come from a generator seeded by
-  ``(seed, step, layer)``, identical on every device, so all devices still hold the same bits.
+  the distance, so rounding is unbiased in expectation. The random bits are a hash of ``(seed, step, layer, element)``,
+  identical on every device, so all devices still hold the same bits.
 * ``model``: plain in-place add in the model dtype (the baseline that loses small updates in bf16).
 
 Every function is deterministic given its inputs: same inputs on every device give the same bits.
+
+Speed (a fold touches every adapted weight once per optimizer step): the product goes straight into the fp32 weight or
+master (``addmm_``, no m×n temporary); on a GPU the fold's GEMM uses TF32 by default (``fold_matmul``, below); the
+Kahan and stochastic-rounding updates are one fused elementwise kernel on CUDA (``torch.compile``; the same function
+runs eagerly elsewhere, in chunks, and both give the same bits: floating-point additions, integer operations and
+casts only, nothing a compiler could contract into a fused multiply-add). ``HDPISSA_TRL_FUSED=0`` turns the compiled
+kernels off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import torch
+
+from .config import FOLD_MATMUL
 
 # The weight dtypes each mode can update. ``bf16_sr`` rounds to bfloat16 bits, so an fp16 weight cannot take it.
 SUPPORTED_DTYPES = {
@@ -52,20 +63,206 @@ def check_precision_supported(mode: str, weights: dict[str, torch.Tensor]) -> No
         )
 
 
-def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+# --------------------------------------------------------------------------------------------- the fold's GEMM
+def resolve_fold_matmul(choice: str, device: torch.device) -> str:
+    """``"ieee"`` or ``"tf32"`` for a weight on ``device``: ``"auto"`` is TF32 on CUDA, plain fp32 elsewhere."""
+    if choice not in FOLD_MATMUL:
+        raise ValueError(f"fold_matmul must be one of {FOLD_MATMUL}, got {choice!r}.")
+    if choice == "auto":
+        return "tf32" if device.type == "cuda" else "ieee"
+    return choice
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) with only the first 10 mantissa bits kept, as TF32 tensor cores read an fp32 input (PyTorch's
+    numerical-accuracy notes); inf and NaN are kept. A copy: ``x`` is not changed."""
+    bits = x.contiguous().view(torch.int32) & ~0x1FFF
+    return torch.where(torch.isfinite(x), bits.view(torch.float32), x)
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(device: torch.device, precision: str):
+    """cuBLAS's fp32 GEMMs use ``precision`` (``"ieee"`` / ``"tf32"``) inside the block; the setting is restored
+    after it. A no-op off CUDA (see :meth:`WeightUpdater.addmm` for TF32 there)."""
+    matmul = torch.backends.cuda.matmul
+    if device.type != "cuda":
+        yield
+        return
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9; the legacy flag must not be mixed with it
+        old = matmul.fp32_precision
+        if old == precision:
+            yield
+            return
+        matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------- elementwise updates (fusable)
+# Elements per pass of the eager (unfused) updates: bounds their temporaries (stochastic rounding's integer hash
+# holds a few int64 tensors of this size) whatever the size of the weight.
+UPDATE_CHUNK = 1 << 20
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of ``x`` (int64 holding values in ``[0, 2^32)``) into ``[0, 2^32)``: xor-shift-multiply rounds
+    whose products stay below 2^63 (no overflow, so every backend computes the same values)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def rounding_key(seed: int, step: int, layer_index: int) -> int:
+    """The 64-bit key of one layer's stochastic rounding at one fold (the same on every device)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & 0xFFFFFFFFFFFFFFFF) ^ step) ^ layer_index)
+
+
+def rounding_noise(index: torch.Tensor, key_lo, key_hi) -> torch.Tensor:
+    """16 random bits (int32 in ``[0, 2^16)``) per element ``index`` (int64) for the key ``(key_lo, key_hi)``: a pure
+    function of the element's position and the key, so any chunking, device or kernel gives the same bits."""
+    h = _mix32(((index & _M32) + key_lo) & _M32)
+    h = _mix32(((h ^ key_hi) + (index >> 32)) & _M32)
+    return (h >> 16).to(torch.int32)
+
+
+def _sr_bits(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) rounded to bfloat16 bits: up with probability (distance to the lower value) / ulp. bf16 is the top
+    16 bits of an fp32; adding 16 random low bits before truncating does exactly that. inf / NaN are kept."""
+    rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def _stochastic_round_flat(weight: torch.Tensor, delta: torch.Tensor, key_lo, key_hi, start: int) -> None:
+    """``weight ← SR(weight + delta)`` on 1-D views whose first element is element ``start`` of the layer."""
+    index = torch.arange(start, start + weight.numel(), dtype=torch.int64, device=weight.device)
+    weight.copy_(_sr_bits(weight.float() + delta, rounding_noise(index, key_lo, key_hi)))
+
+
+def _kahan_flat(weight: torch.Tensor, compensation: torch.Tensor, delta: torch.Tensor) -> None:
+    """Kahan: ``y = delta − c; t = w + y; c = (t − w) − y; w = t``, with the fp32 delta for ``y`` so the small update
+    is not rounded before it meets the compensation."""
+    w = weight.float()
+    y = delta - compensation.float()
+    t = (w + y).to(weight.dtype)
+    compensation.copy_(((t.float() - w) - y).to(compensation.dtype))
+    weight.copy_(t)
+
+
+_COMPILED: dict[str, object] = {}
+_COMPILED_RAN: set[str] = set()
+
+
+def compile_elementwise(fn):
+    """``fn`` under ``torch.compile`` as the engine compiles its fused passes: one graph, dynamic shapes (one build
+    for every layer shape), and every cast to a low-precision dtype kept (``emulate_precision_casts``: by default
+    Inductor skips the rounding of a bf16 value that is cast back to fp32 in the same kernel, which would turn Kahan's
+    compensation, the rounding error itself, into zero)."""
+    return torch.compile(fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+def fused_available() -> bool:
+    """Whether the fused CUDA passes can be built here (Triton present, ``HDPISSA_TRL_FUSED`` not ``0``)."""
+    if os.environ.get("HDPISSA_TRL_FUSED", "1") == "0":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:
+        return False
+
+
+def _fused(name: str, fn):
+    """``fn`` compiled once for CUDA tensors, or None when compiling is off or unavailable."""
+    if not fused_available():
+        return None
+    if name not in _COMPILED:
+        try:
+            _COMPILED[name] = compile_elementwise(fn)
+        except Exception:  # no compiler here: the eager path computes the same bits
+            _COMPILED[name] = None
+    return _COMPILED[name]
+
+
+def _run_fused(name: str, fn, *args) -> bool:
+    """Run the compiled ``fn`` on CUDA tensors; False (nothing changed) when it is unavailable or its first call fails
+    to build (compilation comes before any kernel runs). Errors of later calls are raised."""
+    compiled = _fused(name, fn)
+    if compiled is None:
+        return False
+    if name in _COMPILED_RAN:
+        compiled(*args)
+        return True
+    try:
+        compiled(*args)
+    except Exception as exc:
+        warnings.warn(f"hdpissa_trl: the fused {name} kernel could not be built ({type(exc).__name__}: {exc}); "
+                      f"using the unfused path, which computes the same bits.", RuntimeWarning, stacklevel=3)
+        _COMPILED[name] = None
+        return False
+    _COMPILED_RAN.add(name)
+    return True
+
+
+def kahan_update(weight: torch.Tensor, compensation: torch.Tensor, delta: torch.Tensor,
+                 fused: bool | None = None) -> None:
+    """``W += delta`` with Kahan compensation, in place (``weight``, ``compensation``: bf16/fp16; ``delta``: fp32).
+
+    ``fused``: one compiled kernel (default: on CUDA when available); otherwise eager passes of ``UPDATE_CHUNK``
+    elements. Both give the same bits.
+    """
+    w, c, d = weight.detach().view(-1), compensation.view(-1), delta.reshape(-1)
+    if (fused if fused is not None else w.is_cuda) and _run_fused("kahan", _kahan_flat, w, c, d):
+        return
+    for a in range(0, w.numel(), UPDATE_CHUNK):
+        _kahan_flat(w[a:a + UPDATE_CHUNK], c[a:a + UPDATE_CHUNK], d[a:a + UPDATE_CHUNK])
+
+
+def stochastic_round_update(weight: torch.Tensor, delta: torch.Tensor, key: int, fused: bool | None = None) -> None:
+    """``W ← SR_bf16(W + delta)`` in place (``weight`` bf16, ``delta`` fp32); the random bits come from ``key`` and
+    each element's position (:func:`rounding_noise`). ``fused`` as in :func:`kahan_update`."""
+    w, d = weight.detach().view(-1), delta.reshape(-1)
+    if (fused if fused is not None else w.is_cuda) and _run_fused(
+            "stochastic rounding", _stochastic_round_flat, w, d, key & _M32, key >> 32, 0):
+        return  # (the key's halves are dynamic integer arguments: no recompilation per step or layer)
+    for a in range(0, w.numel(), UPDATE_CHUNK):
+        _stochastic_round_flat(w[a:a + UPDATE_CHUNK], d[a:a + UPDATE_CHUNK], key & _M32, key >> 32, a)
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, key: int = 0) -> torch.Tensor:
     """Round an fp32 tensor to bf16, up or down at random with probability proportional to the distance.
 
-    bf16 is the top 16 bits of an fp32; adding uniform random bits to the low 16 bits before truncation rounds up
-    with exactly the right probability.
+    The random bits are :func:`rounding_noise` of each element's position and ``key``: the same key gives the same
+    bits on any device. bf16 is the top 16 bits of an fp32; adding uniform random bits to the low 16 bits before
+    truncation rounds up with exactly the right probability.
     """
     x = x.to(torch.float32).contiguous()
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = (bits + noise) & ~0xFFFF
-    # Keep NaN/inf as they are (the bit trick could turn a large finite value into inf only when it should overflow).
-    out = rounded.view(torch.float32)
-    out = torch.where(torch.isfinite(x), out, x)
-    return out.to(torch.bfloat16)
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    flat_x, flat_out = x.view(-1), out.view(-1)
+    for a in range(0, flat_x.numel(), UPDATE_CHUNK):
+        part = flat_x[a:a + UPDATE_CHUNK]
+        index = torch.arange(a, a + part.numel(), dtype=torch.int64, device=x.device)
+        flat_out[a:a + UPDATE_CHUNK] = _sr_bits(part, rounding_noise(index, key & _M32, key >> 32))
+    return out
 
 
 class WeightUpdater:
@@ -74,13 +271,15 @@ class WeightUpdater:
     Holds the extra state of the mode (fp32 master or Kahan compensation); that state is part of checkpoints.
     """
 
-    def __init__(self, weight: torch.Tensor, mode: str, seed: int = 0, layer_index: int = 0):
+    def __init__(self, weight: torch.Tensor, mode: str, seed: int = 0, layer_index: int = 0,
+                 fold_matmul: str = "auto"):
         if weight.dtype not in SUPPORTED_DTYPES.get(mode, ()):
             raise ValueError(f"precision={mode!r} cannot update a {weight.dtype} weight (layer {layer_index}); "
                              f"see hdpissa_trl.engine.precision.SUPPORTED_DTYPES for the modes each dtype takes.")
         self.mode = mode
         self.seed = seed
         self.layer_index = layer_index
+        self.matmul = resolve_fold_matmul(fold_matmul, weight.device)  # "ieee" or "tf32"
         self.master: torch.Tensor | None = None
         self.compensation: torch.Tensor | None = None
         low_precision = weight.dtype in (torch.bfloat16, torch.float16)
@@ -115,15 +314,24 @@ class WeightUpdater:
     def addmm(self, weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, step: int) -> None:
         """``W += alpha · left @ right`` (fp32 factors) in this mode, in place.
 
-        An fp32 weight with no master copy takes the product in place (``addmm_``: no m×n temporary); every other
-        case forms the fp32 product once and hands it to :meth:`apply`.
+        ``alpha`` scales ``left`` before the GEMM (pass 1.0 when it already is), so no kernel ever multiplies the m×n
+        product. The fp32 weight, or the fp32 master, takes the product in place (``addmm_``: no m×n temporary; the
+        bf16 weight is then one cast of the master); Kahan and stochastic rounding form the fp32 product once and
+        update ``W`` in one fused pass (:meth:`apply`). The GEMM runs in ``self.matmul`` precision: ``"tf32"`` uses
+        TF32 tensor cores on CUDA and, elsewhere, the same rounding of the inputs before a plain fp32 GEMM.
         """
-        if self.master is None and weight.dtype == torch.float32:
-            weight.addmm_(left, right, alpha=alpha)
-            return
-        delta = torch.mm(left, right)
-        delta.mul_(alpha)
-        self.apply(weight, delta, step)
+        if alpha != 1.0:
+            left = left * alpha
+        if self.matmul == "tf32" and weight.device.type != "cuda":
+            left, right = round_to_tf32(left), round_to_tf32(right)
+        with fp32_matmul_precision(weight.device, self.matmul):
+            if self.master is None and weight.dtype == torch.float32:
+                weight.addmm_(left, right)
+            elif self.master is not None:  # fp32 mode on a bf16/fp16 weight
+                self.master.addmm_(left, right)
+                weight.copy_(self.master)
+            else:
+                self.apply(weight, torch.mm(left, right), step)
 
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, delta: torch.Tensor, step: int) -> None:
@@ -133,14 +341,11 @@ class WeightUpdater:
             weight.copy_(self.master)
         elif weight.dtype == torch.float32 or self.mode == "model":
             weight.add_(delta.to(weight.dtype))
+        elif not weight.is_contiguous():  # the fused passes work on flat views
+            work = weight.contiguous()
+            self.apply(work, delta, step)
+            weight.copy_(work)
         elif self.compensation is not None:  # bf16_kahan on a bf16/fp16 weight
-            # Kahan: y = delta - c; t = w + y; c = (t - w) - y; w = t. Done with the fp32 delta for y so the
-            # small update is not rounded before it meets the compensation.
-            y = delta - self.compensation.to(torch.float32)
-            t = (weight.to(torch.float32) + y).to(weight.dtype)
-            self.compensation.copy_(((t.to(torch.float32) - weight.to(torch.float32)) - y).to(weight.dtype))
-            weight.copy_(t)
+            kahan_update(weight, self.compensation, delta)
         else:  # bf16_sr on a bfloat16 weight
-            gen = torch.Generator(device=weight.device)
-            gen.manual_seed((self.seed * 1_000_003 + step * 8191 + self.layer_index) % (2**63 - 1))
-            weight.copy_(stochastic_round_to_bf16(weight.to(torch.float32) + delta, generator=gen))
+            stochastic_round_update(weight, delta, rounding_key(self.seed, step, self.layer_index))

@@ -455,7 +455,8 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
             self.layers.append(layer)
             # Precision state (fp32 master, Kahan compensation) for this rank's rows only. Layer index i·K + j: the
             # stochastic-rounding bits of different row shards are drawn independently.
-            self.updaters.append(WeightUpdater(module.weight.to_local(), config.precision, config.seed, i * K + self.rank))
+            self.updaters.append(WeightUpdater(module.weight.to_local(), config.precision, config.seed, i * K + self.rank,
+                                              config.fold_matmul))
 
     # -- training ------------------------------------------------------------------------------------------------
     def fold(self) -> FoldStats:

@@ -5,7 +5,7 @@ keeps its own adapter tensors ``(A_k, B_k)`` per layer (and, in the caller, its 
 ``with sim.device(k):`` every HD-PiSSA layer carries device ``k``'s slice and tensors, so a forward/backward there
 gives exactly the gradients device ``k`` of a real K-process run computes on the same micro-batch. ``fold()`` stacks
 the K local delta buffers in rank order, which is what the all-gather of a real run returns, and folds them with the
-engine's own :func:`fold_layer` and weight updaters: same inputs, same code, same bits of ``W``
+engine's own :func:`fold_gathered` and weight updaters: same inputs, same code, same bits of ``W``
 (tests/test_simulate.py compares with real 2- and 4-process gloo runs). ``bench/sim_train.py`` runs the real-model
 study on it (K = 2, 4, 8 on a 2-core machine).
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .distributed import is_distributed
-from .fold import FoldStats, Stopwatch, fold_layer, update_rank_bound
+from .fold import FoldStats, Stopwatch, fold_gathered, update_rank_bound
 from .inject import inject_hdpissa
 
 
@@ -102,9 +102,7 @@ class SimulatedDevices:
         stats = FoldStats(fold_timer=Stopwatch(layers[0].base_layer.weight.device if layers else None))
         engine.step += 1
         gathered = torch.stack([self.local_buffer(k) for k in range(self.world_size)])
-        offset = 0
-        for layer, updater in zip(layers, engine.updaters):
-            offset = fold_layer(layer, gathered, offset, updater, engine.step, engine.subspace.moves_factors)
+        fold_gathered(layers, engine.updaters, gathered, engine.step, engine.subspace.moves_factors, reset=False)
         engine.factors_changed = engine.subspace.after_fold(engine)
         for k in range(self.world_size):
             for layer, (A, B) in zip(layers, self.adapters[k]):
