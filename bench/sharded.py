@@ -4,6 +4,8 @@ memory budget; the communication of both sharded fold schemes projected to K = 6
     python -m bench.sharded                         # K = 2, 4 with real gloo processes, preset "cpu", budget search
     python -m bench.sharded --no-budget             # side-by-side runs only (~3 min on 2 busy cores)
     python -m bench.sharded --quick                 # smoke: tiny preset, K = 2, 2 steps, no budget search
+    python -m bench.sharded --loading               # host RAM per rank while HDPiSSASFTTrainer loads + shards a model
+    python -m bench.sharded --projection            # the 70B projection (formulas) alone
 
 Every mode runs in its own ``torchrun`` job (K gloo processes, one torch thread each) on the same model shape, data and
 seeds. The replicated mode builds the whole model on every rank; the sharded mode builds it on the meta device,
@@ -23,6 +25,11 @@ holds the whole model) before HD-PiSSA is injected (layer-at-a-time SVD init). P
 
 The budget search finds, per mode, the largest number of transformer blocks whose per-rank peak stays under
 ``--budget_mib``: a linear fit through two sizes predicts it, then runs at the prediction and one block more confirm it.
+
+``--loading`` measures the trainer's own loading path instead: ``HDPiSSASFTTrainer(model=DIR)`` under the FSDP2 launch
+settings of ``recipes/accelerate_configs/cpu_fsdp2.yaml`` (exported as ``accelerate launch`` exports them), with
+``fsdp_cpu_ram_efficient_loading`` on and off: per rank the peak resident size while the trainer is built (loading,
+sharding, SVD init), above the size right before, against the size of the model.
 """
 
 from __future__ import annotations
@@ -209,6 +216,145 @@ def run_mode(mode: str, K: int, shape: dict, args, blocks: int | None = None) ->
             "tensor_bytes_max": max(r["tensor_bytes"]["total"] for r in ranks), "ranks": ranks}
 
 
+# ------------------------------------------------------------------------------------------------ loading path
+LOADING_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16, num_kv_heads=4)
+
+
+def _reset_peak_rss() -> bool:
+    """Start a new high-water mark of the resident size (Linux: ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return common.peak_rss_bytes()
+
+
+class RssSampler:
+    """Samples ``/proc/self/status`` every few milliseconds in a thread: the peak of the anonymous resident memory
+    (what this process allocated itself) and of the file-backed part (mapped files such as a safetensors checkpoint,
+    whose pages the processes of one machine share through the page cache)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.interval_s, self.peak = interval_s, {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> dict[str, int]:
+        out = {}
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("RssAnon", "RssFile"):
+                    out[key] = int(line.split()[1]) * 1024
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, v in self.read().items():
+                self.peak[k] = max(self.peak[k], v)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self.base = self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def loading_worker(cfg: dict) -> None:
+    """One rank: build HDPiSSASFTTrainer from the model directory (what the recipe does) and record host memory."""
+    from datasets import Dataset
+    from torch.distributed.tensor import DTensor
+    from trl import SFTConfig
+
+    from hdpissa_trl import HDPiSSAConfig, HDPiSSASFTTrainer
+
+    torch.set_num_threads(1)
+    args = SFTConfig(output_dir=cfg["output_dir"], use_cpu=True, bf16=False, report_to=[], max_steps=1,
+                     per_device_train_batch_size=1, max_length=16, save_strategy="no")
+    data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}] * 4)
+    dist.barrier()
+    base = common.rss_bytes()
+    reset = _reset_peak_rss()
+    with RssSampler() as sampler:
+        trainer = HDPiSSASFTTrainer(model=cfg["model"], args=args, train_dataset=data,
+                                    hdpissa_config=HDPiSSAConfig(r=4, lora_alpha=4, init_method="randomized"))
+    peak = _hwm_bytes() - base
+    anon = sampler.peak["RssAnon"] - sampler.base["RssAnon"]
+    file_backed = sampler.peak["RssFile"] - sampler.base["RssFile"]
+    params = list(trainer.model.parameters())
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).untyped_storage().nbytes() for p in params)
+    record = {"rank": dist.get_rank(), "peak_bytes": peak, "after_bytes": common.rss_bytes() - base,
+              "peak_anon_bytes": anon, "peak_file_bytes": file_backed,
+              "param_bytes_local": local, "peak_reset": reset,
+              "sharded": any(isinstance(p, DTensor) for p in params)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, record)
+    if dist.get_rank() == 0:
+        with open(cfg["out"], "w", encoding="utf-8") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+
+
+def loading(args) -> dict:
+    """Per-rank host memory of the trainer's loading path with ``cpu_ram_efficient_loading`` on and off (K = 2)."""
+    import tempfile
+
+    from hdpissa_trl.testing_utils import save_tiny_model
+
+    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false",
+                "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
+    out = {"shape": LOADING_SHAPE, "K": 2, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_tiny_model(os.path.join(tmp, "model"), **LOADING_SHAPE)
+        out["model_bytes"] = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                                 if f.endswith(".safetensors"))
+        saved = {k: os.environ.get(k) for k in [*fsdp_env, "FSDP_CPU_RAM_EFFICIENT_LOADING", "MALLOC_MMAP_THRESHOLD_"]}
+        try:
+            os.environ.update(fsdp_env, MALLOC_MMAP_THRESHOLD_="131072")
+            for efficient in ("true", "false"):
+                os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient
+                print(f"[sharded] loading path, cpu_ram_efficient_loading={efficient} ...", flush=True)
+                cfg = {"model": model_dir, "output_dir": os.path.join(tmp, f"out-{efficient}"), "mode": "loading"}
+                out["runs"][efficient] = common.launch_workers(__spec__.name, 2, cfg, timeout=1800)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    rows = [[f"cpu_ram_efficient_loading={eff}", rk["rank"], common.fmt_bytes(rk["peak_bytes"]),
+             f"{rk['peak_bytes'] / out['model_bytes']:.2f}×", common.fmt_bytes(rk["peak_anon_bytes"]),
+             f"{rk['peak_anon_bytes'] / out['model_bytes']:.2f}×", common.fmt_bytes(rk["peak_file_bytes"]),
+             common.fmt_bytes(rk["param_bytes_local"]), "yes" if rk["sharded"] else "no"]
+            for eff, ranks in out["runs"].items() for rk in ranks]
+    common.print_table(["setting", "rank", "peak RSS while built", "vs model", "peak anonymous", "vs model",
+                        "peak file-backed", "parameters held after", "sharded"], rows,
+                       title=f"HDPiSSASFTTrainer(model=DIR) with W sharded, K=2: model {common.fmt_bytes(out['model_bytes'])}"
+                             f" (fp32 safetensors)")
+    return out
+
+
+def dispatch_worker(cfg: dict) -> None:
+    (loading_worker if cfg.get("mode") == "loading" else worker)(cfg)
+
+
 # ----------------------------------------------------------------------------------------------------- formulas
 def fold_bytes(shapes: list[tuple[int, int]], r: int, K: int) -> dict[str, int]:
     """fp32 bytes one rank receives per fold: one all-gather of every (dA, dB), or all-gather(dA) + all-to-all(dB rows)
@@ -235,17 +381,74 @@ def memory_per_rank(shapes: list[tuple[int, int]], other_params: int, r: int, K:
     return items
 
 
+def fold_transient_bytes(shapes: list[tuple[int, int]], r: int, K: int, scheme: str, cap_bytes: int | None,
+                         kahan: bool = False) -> dict[str, int]:
+    """Bytes the sharded fold allocates on top of the steady state (formula, following ``engine/sharded.py``): one
+    bucket's receive buffers (the buckets of ``receive_buckets``; ``cap_bytes=None``: one bucket of everything, the
+    behaviour before the receive cap) and send buffers, plus one layer's GEMM operands ``[dB | B0]`` (m_j × 2Kr, and
+    its α-scaled copy), ``A0 + dA`` and ``[A ; dA]`` (3·Kr × n), and, for Kahan / stochastic rounding, the m_j × n fp32
+    product."""
+    from types import SimpleNamespace
+
+    from hdpissa_trl.engine.sharded import layer_receive_bytes, receive_buckets
+
+    layers = [SimpleNamespace(r=r, out_features=m, in_features=n) for m, n in shapes]
+    buckets = ([list(range(len(layers)))] if cap_bytes is None
+               else receive_buckets(layers, K, scheme, cap_bytes))
+    receive = max(sum(layer_receive_bytes(layers[i], K, scheme) for i in b) for b in buckets)
+    # Sent: this device's dA and dB of the bucket, plus the concatenated copy the collective takes.
+    send = max(2 * 4 * sum(r * (layers[i].in_features + layers[i].out_features) for i in b) for b in buckets)
+    per_layer = max(4 * (2 * 2 * -(-m // K) * K * r + 3 * K * r * n + (-(-m // K) * n if kahan else 0))
+                    for m, n in shapes)
+    return {"receive": receive, "send": send, "one layer's GEMM operands": per_layer,
+            "total": receive + send + per_layer}
+
+
+def init_transient_bytes(shapes: list[tuple[int, int]], r: int, K: int, method: str = "svd",
+                         w_bytes: int = 2) -> int:
+    """Bytes the owner of the largest layer allocates while it factors it (formula, following
+    ``sharded_init_factors``): the gathered W (padded to K·ceil(m/K) rows) and its fp32 copy, the SVD's U, S, Vh
+    (exact: min(m, n) columns; randomized: 2·K·r), A0_all and B0_all, the scatter's pieces and the receive buffer. LAPACK's
+    own workspace is not counted."""
+    k = K * r
+    worst = 0
+    for m, n in set(shapes):
+        p = min(m, n) if method == "svd" else min(max(2 * k, k + 8), min(m, n))
+        chunk = -(-m // K)
+        total = (w_bytes * K * chunk * n + (4 * m * n if w_bytes != 4 else 0) + 4 * (m * p + p + p * n)
+                 + 4 * (k * n + m * k) + 4 * K * (chunk * k + m * r) + 4 * (chunk * k + m * r))
+        worst = max(worst, total)
+    return worst
+
+
 def projection(r: int = 16, K: int = 64) -> dict:
+    from hdpissa_trl.engine.sharded import DEFAULT_RECEIVE_CAP_MB
+
     shapes = LLAMA31_70B["shapes"] * LLAMA31_70B["blocks"]
     other = 2 * LLAMA31_70B["vocab"] * LLAMA31_70B["hidden"]
     model_bytes = 2 * (sum(m * n for m, n in shapes) + other)
+    sharded = memory_per_rank(shapes, other, r, K, sharded=True)
+    factors = sharded["A0_all (K·r × n, fp32, every rank)"] + sharded["B0 (replicated: m × K·r; sharded: rows + own slice)"]
+    cap = DEFAULT_RECEIVE_CAP_MB * 2**20
+    fold = {f"{scheme}, {label}": fold_transient_bytes(shapes, r, K, scheme, c)
+            for scheme in ("all_to_all", "all_gather") for label, c in (("default cap", cap), ("no cap", None))}
+    init = {method: init_transient_bytes(shapes, r, K, method) for method in ("svd", "randomized")}
+    steady_without_optimizer = sharded["total"] - sharded["adapters + grads + AdamW state (fp32)"]
     return {
         "K": K, "r": r, "model": "Llama-3.1-70B shapes (560 adapted layers, bf16)",
         "fold_bytes_received": fold_bytes(shapes, r, K),
         # FSDP2 all-gathers the bf16 parameters in the forward and again in the backward (reshard_after_forward).
         "fsdp_param_allgather_bytes_received": 2 * (K - 1) / K * model_bytes,
         "memory_replicated": memory_per_rank(shapes, other, r, K, sharded=False),
-        "memory_sharded": memory_per_rank(shapes, other, r, K, sharded=True),
+        "memory_sharded": sharded,
+        "receive_cap_bytes": cap,
+        "fold_transient_sharded": fold,
+        "peak_in_fold": {k: sharded["total"] + v["total"] for k, v in fold.items()},
+        "init_transient_sharded": init,
+        # At the end of injection, before any optimizer state exists: the steady state without it, plus the largest
+        # layer's factoring (its owner) -- and, before factors were freed as layers took them, every factor twice.
+        "peak_in_init": {method: steady_without_optimizer + v for method, v in init.items()},
+        "injection_factors_held_twice_before": factors,
     }
 
 
@@ -293,13 +496,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fit_blocks", type=int, nargs=2, default=[4, 12])
     ap.add_argument("--no-budget", dest="budget", action="store_false")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, K=2, 2 steps, no budget search")
+    ap.add_argument("--projection", action="store_true",
+                    help="only the formula projection to a Llama-3.1-70B shape (K=64, r=16), no runs")
+    ap.add_argument("--loading", action="store_true",
+                    help="only the host memory of HDPiSSASFTTrainer's loading path, cpu_ram_efficient_loading on/off")
     ap.add_argument("--tag", default="")
     common.add_output_args(ap, worker=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_or_run_worker(build_parser(), worker, argv, quiet=False)
+    args = common.parse_or_run_worker(build_parser(), dispatch_worker, argv, quiet=False)
+    if args.loading:
+        info = common.env_info(nproc=2, backend="gloo", threads=1)
+        result = {"loading": loading(args)}
+        result["env"] = common.finish_env(info)
+        common.write_json(f"sharded_loading{args.tag}.json", result, args.results_dir)
+        return result
+    if args.projection:
+        proj = projection()
+        print_projection(proj)
+        common.write_json(f"sharded_projection{args.tag}.json", {"projection_70b": proj}, args.results_dir)
+        return proj
     if args.quick:
         args.preset, args.nproc, args.steps, args.warmup, args.budget, args.blocks = "tiny", [2], 2, 0, False, 2
     common.quiet_hf()
@@ -353,20 +571,33 @@ def main(argv: list[str] | None = None) -> dict:
                       s["max_blocks"], f"{s['params'] / 1e6:.1f} M", common.fmt_bytes(s["peak_bytes"]),
                       common.fmt_bytes(s["next_blocks_peak_bytes"])] for s in search],
                     title="Largest model (transformer blocks of the preset) that trains under the per-rank budget")
-    fb = proj["fold_bytes_received"]
-    common.print_table(["item", "replicated W", "sharded W"],
-                [[k, common.fmt_bytes(proj["memory_replicated"][k]), common.fmt_bytes(proj["memory_sharded"][k])]
-                 for k in proj["memory_replicated"]],
-                title=f"Projection (formula): {proj['model']}, K={proj['K']}, r={proj['r']}: memory per rank")
-    print(f"fold bytes received per rank and step: all_gather {common.fmt_bytes(fb['all_gather'])}, all_to_all "
-          f"{common.fmt_bytes(fb['all_to_all'])} ({fb['all_gather'] / fb['all_to_all']:.2f}x fewer); FSDP2's own parameter "
-          f"all-gathers (forward + backward): {common.fmt_bytes(proj['fsdp_param_allgather_bytes_received'])}")
+    print_projection(proj)
     result = {"env": info, "args": {k: v for k, v in vars(args).items()
                                     if k not in ("results_dir", "figures_dir", "worker")},
               "side_by_side": side, "fold_bytes_checks_equal": all(checks), "budget_search": search,
               "projection_70b": proj}
     common.write_json(f"sharded{args.tag}.json", result, args.results_dir)
     return result
+
+
+def print_projection(proj: dict) -> None:
+    fb = proj["fold_bytes_received"]
+    common.print_table(["item", "replicated W", "sharded W"],
+                [[k, common.fmt_bytes(proj["memory_replicated"][k]), common.fmt_bytes(proj["memory_sharded"][k])]
+                 for k in proj["memory_replicated"]],
+                title=f"Projection (formula): {proj['model']}, K={proj['K']}, r={proj['r']}: memory per rank")
+    common.print_table(["transient on top of the steady state (formula)", "bytes / rank", "peak / rank"],
+                [[f"fold, {k}", common.fmt_bytes(v["total"]), common.fmt_bytes(proj["peak_in_fold"][k])]
+                 for k, v in proj["fold_transient_sharded"].items()]
+                + [[f"SVD init of the largest layer ({k})", common.fmt_bytes(v), common.fmt_bytes(proj["peak_in_init"][k])]
+                   for k, v in proj["init_transient_sharded"].items()]
+                + [["every factor held twice at injection (before it was freed layer by layer)",
+                    common.fmt_bytes(proj["injection_factors_held_twice_before"]), ""]],
+                title=f"Projection (formula), W sharded: peaks in the fold (receive cap "
+                      f"{common.fmt_bytes(proj['receive_cap_bytes'])}) and in the init")
+    print(f"fold bytes received per rank and step: all_gather {common.fmt_bytes(fb['all_gather'])}, all_to_all "
+          f"{common.fmt_bytes(fb['all_to_all'])} ({fb['all_gather'] / fb['all_to_all']:.2f}x fewer); FSDP2's own parameter "
+          f"all-gathers (forward + backward): {common.fmt_bytes(proj['fsdp_param_allgather_bytes_received'])}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ def test_sharded_projection_formulas():
     proj = sharded.projection()
     assert proj["K"] == 64 and proj["memory_sharded"]["total"] < proj["memory_replicated"]["total"] / 10
     assert proj["fold_bytes_received"]["all_to_all"] < proj["fold_bytes_received"]["all_gather"]
+    # The fold's receive buffer: capped by default, K/(K-1) times the bytes received without the cap.
+    fold = proj["fold_transient_sharded"]
+    for scheme in ("all_to_all", "all_gather"):
+        assert fold[f"{scheme}, default cap"]["receive"] <= proj["receive_cap_bytes"]
+        assert fold[f"{scheme}, no cap"]["receive"] == proj["fold_bytes_received"][scheme] * 64 // 63
 
 
 def test_init_svd_agreement():
