@@ -85,7 +85,8 @@ class HDPiSSAScriptArguments(ScriptArguments):
         default="raise", metadata={"help": "On a W mismatch: 'raise' or 'resync' (copy rank 0's)."}
     )
     hdpissa_bucket_size_mb: float = field(
-        default=0.0, metadata={"help": "Cap (MiB) of one gather buffer; 0 = one collective per step."}
+        default=0.0, metadata={"help": "Cap (MiB) of one gather buffer; 0 = one collective per step. W sharded "
+                                       "(FSDP2): cap of what a rank receives per exchange; 0 = 1024 MiB."}
     )
     hdpissa_sharded_comm: str = field(
         default="auto", metadata={"help": "W sharded by rows (FSDP2 launch configs): the fold's exchange, all_gather | "
