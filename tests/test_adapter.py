@@ -218,3 +218,32 @@ def test_recipe_refuses_save_adapter_for_the_baselines():
     assert HDPiSSAScriptArguments(save_adapter=True).save_adapter
     with pytest.raises(ValueError, match="method='lora' has none to export.*Drop --save_adapter"):
         HDPiSSAScriptArguments(method="lora", save_adapter=True)
+
+
+def test_starting_weights_read_every_checkpoint_layout_one_tensor_at_a_time(tmp_path):
+    from safetensors.torch import save_file
+
+    from hdpissa_trl.trainer.adapter import StartingWeights
+
+    w = {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4), "model.layers.1.mlp.up_proj.weight": torch.randn(6, 4)}
+    sharded = tmp_path / "sharded"  # two safetensors shards (their index is not needed)
+    sharded.mkdir()
+    for i, (k, v) in enumerate(w.items()):
+        save_file({k: v}, str(sharded / f"model-0000{i + 1}-of-00002.safetensors"))
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(w, binary / "pytorch_model.bin")
+    backbone = tmp_path / "backbone"  # saved without the "model." prefix
+    backbone.mkdir()
+    save_file({k[len("model."):]: v for k, v in w.items()}, str(backbone / "model.safetensors"))
+    for source in (sharded, binary, backbone, backbone / "model.safetensors"):
+        weights = StartingWeights(str(source))
+        for k, v in w.items():
+            name = k[: -len(".weight")]
+            assert weights.shape(weights.key_for(name)) == (6, 4) and torch.equal(weights(name), v)
+    with pytest.raises(KeyError, match="no weight for layer 'model.layers.2.mlp.up_proj'"):
+        StartingWeights(str(sharded)).key_for("model.layers.2.mlp.up_proj")
+    with pytest.raises(ValueError, match="No weights .* in"):
+        StartingWeights(str(tmp_path))
+    with pytest.raises(ValueError, match="no local directory and the Hub gave no files.*base_model"):
+        StartingWeights("test-user/not-cached-anywhere")  # offline (HF_HUB_OFFLINE=1), nothing in the cache
