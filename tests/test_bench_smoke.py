@@ -6,6 +6,8 @@ They keep the scripts working; the numbers in BENCHMARKS.md come from the full r
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 
@@ -18,8 +20,8 @@ from bench._tasks import TeacherStudentTask, prepare_multitask_base
 from hdpissa_trl.launch import REPO_ROOT, child_env, free_port
 
 
-@pytest.mark.parametrize("script", ["communication", "init_svd", "precision", "quality", "real_model", "rl_step",
-                                    "sharded", "step_speed", "sweep"])
+@pytest.mark.parametrize("script", ["communication", "fold_speed", "gpu_check", "init_svd", "precision", "quality",
+                                    "real_model", "rl_step", "sharded", "step_speed", "sweep"])
 def test_scripts_run_as_modules(tmp_path, script):
     """``python -m bench.X`` is how BENCHMARKS.md runs them: it parses its command line from any directory (the
     launch helpers put the checkout on PYTHONPATH), without a sys.path preamble in the script."""
@@ -270,3 +272,94 @@ def test_rl_step_counts_the_reference_copy_and_summarizes_against_lora(tmp_path)
                        "HD-PiSSA, y": {"step_s": [1.0, 3.0, 1.0], "peak": [3.0, 2.0], "memory": pre}}}
     out = rl_step.summarize(records)["dpo"]
     assert out["HD-PiSSA, y"]["x_lora"] == 0.5 and out["HD-PiSSA, y"]["peak_rss_increase"] == 3.0
+
+
+def test_fold_speed_counts_the_folds_operators_at_small_shapes():
+    """bench.fold_speed at 1/16 of the 8B widths, one precision mode: the same bits from one state twice, and the
+    operator count of the replicated fold (5 per layer with an fp32 W, plus the two multi-tensor resets)."""
+    from bench import fold_speed
+
+    rec = fold_speed.measure_mode(fold_speed.BLOCK_SHAPES["small"], 8, 2, "fp32 W", "cpu")
+    assert rec["same_checksums_twice"] and rec["layers"] == 7 and rec["fold_matmul"] == "ieee"
+    assert rec["fold"]["ops"] == 5 * 7 + 2 and rec["fold"]["ms"] > 0
+    assert rec["checksum"]["ops"] > 0
+    eff = fold_speed.tf32_effect(64, 96, 2, 4)
+    assert eff["ieee"]["update_rel_error"] < 1e-6 < 2**-12 < eff["tf32"]["update_rel_error"] < 2**-9
+
+
+def _write_wheel(directory, name: str, version: str = "1.0") -> str:
+    """A minimal pure-Python wheel of a one-module package ``name`` (what pip needs: the module, METADATA, WHEEL,
+    RECORD)."""
+    import zipfile
+
+    path = os.path.join(directory, f"{name}-{version}-py3-none-any.whl")
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": "VALUE = 42\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{p},,\n" for p in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, text in files.items():
+            z.writestr(p, text)
+    return path
+
+
+def test_gpu_check_installs_only_missing_modules_from_the_wheel_folder(tmp_path, monkeypatch):
+    """What the GPU machine does without a registry: a module the environment lacks is installed from the carried
+    wheel into the check's own site folder (never over the environment's packages) and becomes importable; a module
+    that is there is left alone; one with no wheel is reported still missing."""
+    from bench import gpu_check
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    _write_wheel(str(wheels), "hdpissa_probe_pkg")
+    monkeypatch.setattr(gpu_check, "EXTRA_PACKAGES", {"hdpissa_probe_pkg": "hdpissa-probe-pkg", "torch": "torch",
+                                                      "hdpissa_no_wheel_pkg": "hdpissa-no-wheel-pkg"})
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    res = gpu_check.install_missing(str(wheels), str(site))
+    assert res["missing"] == ["hdpissa_probe_pkg", "hdpissa_no_wheel_pkg"]
+    assert res["installed"] == ["hdpissa_probe_pkg-1.0-py3-none-any.whl"]
+    assert res["still_missing"] == ["hdpissa_no_wheel_pkg"]
+    assert (site / "hdpissa_probe_pkg.py").exists() and not (site / "torch").exists()
+    import importlib
+
+    assert importlib.import_module("hdpissa_probe_pkg").VALUE == 42
+    sys.modules.pop("hdpissa_probe_pkg", None)
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_quick_runs_every_section(tmp_path):
+    """``python -m bench.gpu_check --device cpu --quick``, the command CI runs so the GPU check cannot rot: every
+    section runs and its JSON holds the values each check stands for."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--json", str(out),
+                           "--work_dir", str(tmp_path / "work")], cwd=REPO_ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    sec = res["sections"]
+    assert list(sec) == list(gpu_check.SECTIONS) and res["mode"] == "cpu_quick"
+    assert all(s["status"] == "ok" for s in sec.values()), {k: s["summary"] for k, s in sec.items()}
+    assert sec["packages"]["missing"] == [] and sec["packages"]["versions"]["torch"] == torch.__version__
+    tests = sec["gpu_tests"]  # on a CPU every gpu-marked test skips (and is counted)
+    assert tests["passed"] == 0 and tests["skipped"] == tests["tests"] >= 4 and tests["failed"] == []
+    rows = {r["label"]: r for r in sec["fold"]["rows"]}
+    assert list(rows) == list(gpu_check.FOLD_MODES)
+    n_layers = 7 * gpu_check.MODEL_QUICK["num_layers"]
+    for label, r in rows.items():
+        assert r["layers"] == n_layers and r["fold_matmul"] == "ieee" and r["same_checksums_twice"], label
+        assert 0 < r["fold_ms"] < r["step_ms"] and 0 < r["fold_percent_of_step"] < 100, label
+        assert r["tokens_per_step"] == 2 * 32 * 2
+    assert rows["fp32 W"]["fold_ops"] == 5 * n_layers + 2  # operands (4) + addmm_ per layer; 2 multi-tensor resets
+    assert rows["bf16 W + fp32 master"]["fold_ops"] == 6 * n_layers + 2  # + the cast of the master into W
+    assert all(r["mean_cos2_right"] > 0.99 and r["k"] == 32 for r in sec["svd"]["rows"])
+    coll = sec["collectives"]
+    assert coll["backend"] == "gloo" and len(coll["results"]) == 10 and all(r["ok"] for r in coll["results"].values())
+    rec = sec["recipe_resume"]
+    assert rec["same_W"] and rec["steps"] == 6 and rec["resumed_from"] == 3 and rec["loss_full"] == rec["loss_resumed"]
+    assert sec["fsdp2"]["steps"] == 2 and math.isfinite(sec["fsdp2"]["last_loss"]) and sec["fsdp2"]["W_sharded"]
+    assert sec["fsdp2"]["backend"] == "gloo"
+    assert sec["step_speed"]["hdpissa_over_lora_step"] > 0 and sec["step_speed"]["hdpissa_fold_ms"] > 0
+    assert "bench.gpu_check (cpu_quick)" in proc.stdout and "The fold, 14 layers" in proc.stdout
