@@ -83,6 +83,9 @@ def errors_from_files(base: dict, merged: dict, peft_model) -> dict:
     return {"relative_error": (num / den) ** 0.5, "layers": layers}
 
 
+_BASES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 @torch.no_grad()
 def recompute(base: dict, merged: dict, names: list[str], rank: int, how: str) -> tuple[dict, dict]:
     """One factorisation of every layer's ΔW from the files: ``{name: (A, B)}`` and its figures."""
@@ -94,8 +97,10 @@ def recompute(base: dict, merged: dict, names: list[str], rank: int, how: str) -
         delta = merged[f"{name}.weight"].float() - w0
         bases = None
         if how != "svd":
-            U, _, Vh = torch.linalg.svd(w0, full_matrices=False)
-            bases = (U[:, :rank // 2].contiguous(), Vh[:rank // 2].t().contiguous())
+            if name not in _BASES:  # the exact-SVD init's directions (computed once for every factorisation)
+                U, _, Vh = torch.linalg.svd(w0, full_matrices=False)
+                _BASES[name] = (U[:, :rank // 2].contiguous(), Vh[:rank // 2].t().contiguous())
+            bases = _BASES[name]
         t0 = time.perf_counter()
         up = factor_update(delta, bases=bases, rank=rank, factorization=how)
         seconds += time.perf_counter() - t0

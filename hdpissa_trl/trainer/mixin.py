@@ -232,7 +232,6 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         if skeleton is not None:
             self.hdpissa_check_model(skeleton)
 
-
     def _apply_ddp_timeout(self) -> None:
         """Make ``ddp_timeout`` bound every collective on CPU too, so a dead or hung peer stops the others.
 
