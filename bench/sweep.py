@@ -737,6 +737,9 @@ def run_main(args) -> None:
         else:
             run_smollm2(name, study, todo, work_dir, out_dir, keep_models=args.keep_models)
 
+    if args.lrs:  # a part of the grid now (the rest, the edge extensions and the other seeds by a later call)
+        execute(plan(study, labels, seeds=args.seeds or grid_seeds, lrs={lab: args.lrs for lab in labels}))
+        return
     for round_ in range(1 + args.extend_edges):
         lrs = None
         if round_:
@@ -763,6 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", nargs="+", default=None, help=f"subset of {sorted(LABELS)}")
     run.add_argument("--seeds", nargs="+", type=int, default=None)
     run.add_argument("--steps", type=int, default=None)
+    run.add_argument("--lrs", nargs="+", type=float, default=None,
+                     help="run only these rates for every chosen label (on --seeds, default the selection seeds), "
+                          "nothing else: the order in which a long study spends its time; a call without --lrs "
+                          "completes the grid, extends its edges and runs the other seeds, skipping what exists")
     run.add_argument("--tag", default="", help="suffix of the study's results folder (another horizon, ...)")
     run.add_argument("--extend_edges", type=int, default=1,
                      help="rounds of extending a grid whose best rate is at its end (0: never)")
