@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.json or os.path.join(common.RESULTS_DIR, f"gpu_check_{mode}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1, sort_keys=True, default=str)
+        json.dump(out, f, indent=1, default=str)  # sections in the order they ran
     print(f"wrote {path}")
     if any(res["status"] == "fail" for res in results.values()):
         sys.exit(1)

@@ -120,7 +120,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, uninterru
     out, rec = tmp_path / "out", tmp_path / "rec"
     crashed = launch(2, *common(tiny_model_dir, out, rec), "--fault", f"{kind}:{step}:{rank}")
     assert crashed.returncode != 0
-    assert "Signal 9 (SIGKILL)" in crashed.output  # the launcher reports the killed rank and stops the other
+    assert "Signal 9 (SIGKILL)" in crashed.output, crashed.output[-3000:]  # the launcher reports the killed rank
     assert fault_note(rec, rank)["kind"] == kind
     assert not (rec / "rank0.pt").exists()  # the run really ended there
 

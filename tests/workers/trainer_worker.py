@@ -179,12 +179,12 @@ def install_fault(trainer, spec: str, record_dir: str) -> None:
 
         original, calls = fold_module.fold_layer, []
 
-        def fold_layer(layer, gathered, offset, updater, fold_step, *rest):
+        def fold_layer(layer, gathered, offset, updater, fold_step, *rest, **options):
             if fold_step == step:
                 calls.append(layer.name)
                 if len(calls) == 2:
                     fire(f"mid-fold: deltas gathered, W of {calls[0]} updated, {layer.name} and later not yet")
-            return original(layer, gathered, offset, updater, fold_step, *rest)
+            return original(layer, gathered, offset, updater, fold_step, *rest, **options)
 
         fold_module.fold_layer = fold_layer
     elif kind == "checkpoint":
