@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from bench import _common as common
+from bench._runlog import reset_peak_rss
 
 MODES = ("replicated", "all_gather", "all_to_all")  # replicated W, or sharded W with one of the two fold schemes
 WRAPPED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_single",
@@ -220,16 +221,6 @@ def run_mode(mode: str, K: int, shape: dict, args, blocks: int | None = None) ->
 LOADING_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16, num_kv_heads=4)
 
 
-def _reset_peak_rss() -> bool:
-    """Start a new high-water mark of the resident size (Linux: ``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _hwm_bytes() -> int:
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
@@ -290,7 +281,7 @@ def loading_worker(cfg: dict) -> None:
     data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}] * 4)
     dist.barrier()
     base = common.rss_bytes()
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     with RssSampler() as sampler:
         trainer = HDPiSSASFTTrainer(model=cfg["model"], args=args, train_dataset=data,
                                     hdpissa_config=HDPiSSAConfig(r=4, lora_alpha=4, init_method="randomized"))
