@@ -157,6 +157,12 @@ def test_dpo_and_grpo_refuse_the_output_head_and_sharded_w_before_loading_anythi
         build(kind, config_only_dir, tmp_path)
 
 
+def test_sft_refuses_an_adapted_output_head(tiny_model_dir, tmp_path):
+    """SFTTrainer reads lm_head.weight directly (fused LM head): an adapter there would never be trained."""
+    with pytest.raises(ValueError, match="output head 'lm_head' is not supported with SFTTrainer"):
+        build("sft", tiny_model_dir, tmp_path, hdpissa_config=HDPiSSAConfig(r=2, target_modules=["q_proj", "lm_head"]))
+
+
 def test_missing_trl_hooks_fail_at_construction_naming_the_trl_version(tiny_model_dir, tmp_path, monkeypatch):
     """If TRL renamed a private method the trainers override or patch, the override would silently never run (a PiSSA
     reference without its "ref" adapter; vLLM sent PEFT's names): fail at construction, naming the installed TRL."""

@@ -207,7 +207,8 @@ class CheckpointMixin:
 
     transformers has no public hook around writing or reading a checkpoint, so these are overrides of its private
     methods; each says why in one line (every private override of the trainers, and why no public hook does its job:
-    docs/layout.md). With ``method="peft"`` (a user's own PEFT config) all of them defer to the parent unchanged.
+    docs/layout.md). With ``method="peft"`` (a user's own PEFT config) checkpoints are written and read by the parent
+    unchanged; only the Hub push still keeps the token out of the pushed training arguments.
     """
 
     hdpissa_engine: HDPiSSAEngine | None = None

@@ -34,8 +34,6 @@ from .reference import (
     use_merged_weight_ref_sync,
 )
 
-MIXIN_ARGUMENTS = ("hdpissa_config", "method", "save_dtype")
-
 
 def bind_arguments(fn, args: tuple, kwargs: dict) -> dict:
     """``fn``'s positional and keyword arguments as one keyword dict (``self`` excluded; unknown keywords kept)."""

@@ -11,8 +11,7 @@ import inspect
 
 from trl import SFTTrainer
 
-from ..engine.model import find_target_modules
-from .checks import require_trl_hooks
+from .checks import refuse_adapted_output_head, require_trl_hooks
 from .data_checks import check_after_truncation, check_sft_dataset
 from .mixin import HDPiSSATrainerMixin
 
@@ -49,16 +48,8 @@ class HDPiSSASFTTrainer(HDPiSSATrainerMixin, SFTTrainer):
         check_sft_dataset(bound.get("eval_dataset"), "eval", text_field, needs_columns)
 
     def hdpissa_check_model(self, model) -> None:
-        """SFTTrainer computes log-probs from ``lm_head.weight`` directly (fused LM head): an adapter there would
-        never receive a gradient. Refuse it before any work, as TRL does for PEFT."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None:
-            return
-        hit = [name for name, mod in find_target_modules(model, self.hdpissa_config) if mod is head]
-        if hit:
-            raise ValueError(f"Adapting the output head {hit[0]!r} is not supported with SFTTrainer: it computes "
-                             f"log-probabilities from its weight directly (fused LM head), so the adapter would never "
-                             f"be trained. Remove it from target_modules (or use 'all-linear', which leaves it out).")
+        """SFTTrainer reads ``lm_head.weight`` directly (fused LM head): refuse an adapter there before any work."""
+        refuse_adapted_output_head(model, self.hdpissa_config, "SFTTrainer")
 
     # Overridden (TRL's dataset hook): fail clearly when truncation left no completion token to learn from.
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
