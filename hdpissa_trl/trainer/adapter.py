@@ -293,7 +293,10 @@ def write_adapter_card(card_path: str, result: AdapterExport, info: dict[str, An
 
     base = result.base_model_name_or_path
     hub_base = base if _looks_like_hub_id(base) else None
-    shown_base = _public_name(str(base)) if base else "the starting model"
+    # A local starting directory (a GGUF conversion in the cache is named by its hash) is shown by the name the user
+    # gave (the recipe's "base model"), never by a path of the machine that trained.
+    named = info.get("base model")
+    shown_base = hub_base or (_public_name(str(named or base)) if (named or base) else "the starting model")
     results = eval_results_for_card(report, model_name)
     data = ModelCardData(library_name="peft", base_model=hub_base, pipeline_tag="text-generation",
                          tags=["hd-pissa", "lora", "peft", "trl"] + ([f"base_model:adapter:{hub_base}"] if hub_base
