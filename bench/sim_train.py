@@ -6,9 +6,10 @@ gloo traffic to the same arithmetic, and K = 8 would not run at all. Every metho
 loss of each device normalised as ``transformers.Trainer`` does with ``average_tokens_across_devices`` (its default):
 device k's loss is ``K · Σ(token NLL over its rows) / (completion tokens of the whole global batch)``.
 
-* Data-parallel baselines (PEFT LoRA, PEFT PiSSA, full FT): K backward passes accumulate into one gradient, which is
-  exactly DDP's average of the K device gradients; one clip (``max_grad_norm``) of that averaged gradient, one
-  optimizer.
+* Data-parallel baselines (PEFT LoRA, PEFT PiSSA, full FT): DDP's average of the K device gradients,
+  ``(1/K) Σ_k ∇(K·Σnll_k/N) = Σ_k ∇(Σnll_k/N)``, as K backward passes of ``Σnll_k/N`` accumulated into one gradient;
+  one clip (``max_grad_norm``) of that averaged gradient, one optimizer. (Before this was written out, the baselines
+  accumulated ``K·Σnll_k/N``: K times DDP's gradient, so clipping bound more often than in a real run.)
 * HD-PiSSA: :class:`hdpissa_trl.engine.simulate.SimulatedDevices`; device k's gradient comes from its micro-batch only, is clipped
   on its own (as each process of a real run clips its local adapter gradients), and steps device k's own optimizer
   and scheduler; then one fold of the K deltas.
@@ -178,7 +179,7 @@ def train(run: dict) -> dict:
     torch.manual_seed(run["seed"])
     torch.set_num_threads(run.get("threads", 1))
     torch.set_flush_denormal(True)
-    path = model_dir()
+    path = run.get("model_dir") or model_dir()  # model_dir: a local checkpoint instead of SmolLM2 (the tests)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
@@ -235,21 +236,32 @@ def train(run: dict) -> dict:
     setup_s = time.time() - t_setup
     net.train()
     curve_rows = run.get("curve_rows", 40)  # rows per task of the intermediate points (the final one uses all)
-    curve = [(0, heldout(net, tok, sets, curve_rows)[0])] if run.get("eval_at_start") else []
+    state_path = os.path.join(run["state_dir"], STATE_FILE) if run.get("state_dir") else None
+    progress = load_state(state_path, run, net, sim, opts, scheds)
+    if progress is None:
+        curve = [(0, heldout(net, tok, sets, curve_rows)[0])] if run.get("eval_at_start") else []
+        progress = dict(step=0, curve=curve, train_losses=[], norms=[], clipped=0, train_s=0.0, restarts=0)
+    else:
+        print(f"[sim_train] {run['id']}: resumed after step {progress['step']} from {state_path}", flush=True)
+    start, curve = progress["step"], progress["curve"]
+    train_losses, norms, clipped = progress["train_losses"], progress["norms"], progress["clipped"]
+    train_s, restarts = progress["train_s"], progress["restarts"]
     print(f"[sim_train] {run['id']}: setup {setup_s:.1f}s", flush=True)
-    train_losses, norms, clipped, train_s, restarts = [], [], 0, 0.0, 0
-    for step in range(steps):
+    for step in range(start, steps):
         t0 = time.time()
         rows = [train_rows[i] for i in order[step * G:(step + 1) * G]]
         micro = [collate([encode(tok, r["prompt"], r["completion"], max_length) for r in rows[k * b:(k + 1) * b]],
                          tok.pad_token_id or 0) for k in range(K)]
         n_total = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
         step_loss = 0.0
+        # Device k's loss is K·Σnll_k/N (transformers with average_tokens_across_devices). HD-PiSSA steps on that
+        # gradient as it is; DDP averages it over the K devices, which is Σ_k ∇(Σnll_k/N): accumulate without the K.
+        scale = K if sim is not None else 1
         for k in range(K):
             ctx = sim.device(k) if sim is not None else _nullcontext()
             with ctx:
                 nll, _ = token_nll_sum(net, micro[k])
-                (nll * K / n_total).backward()
+                (nll * scale / n_total).backward()
             step_loss += float(nll.detach()) / n_total
         if sim is not None:
             for k in range(K):
@@ -278,10 +290,16 @@ def train(run: dict) -> dict:
             curve.append((step + 1, aggregate(scored, curve_rows)))
         elif (step + 1) % run["eval_every"] == 0:
             curve.append((step + 1, heldout(net, tok, sets, curve_rows)[0]))
+            if state_path:  # after the evaluation, so a resumed run repeats none of it
+                save_state(state_path, run, net, sim, opts, scheds,
+                           dict(step=step + 1, curve=curve, train_losses=train_losses, norms=norms, clipped=clipped,
+                                train_s=train_s, restarts=restarts))
         else:
             continue
         print(f"[sim_train] {run['id']}: step {step + 1} held-out {curve[-1][1]['eval_loss']:.4f} "
               f"({train_s / (step + 1):.2f} s/step)", flush=True)
+        if run.get("stop_after_step") == step + 1:  # the tests' interruption: the state is on disk, the record not
+            raise SystemExit(STOPPED_EXIT)
     net.eval()
     if run.get("em_limit", 100):
         final.update(math_exact_match(net, tok, run.get("em_limit", 100)))
@@ -296,6 +314,57 @@ def train(run: dict) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "per_device_batch": b, "processes": 1, "simulated_devices": K, "warmup_steps": warmup,
             "max_grad_norm": max_norm}
+
+
+# -- mid-run state: a run cut short (a session's end, a reboot) resumes at its last evaluation point ----------------
+STATE_FILE = "state.pt"
+STOPPED_EXIT = 3
+# The settings a saved state must share with the run that resumes it (env, commit, threads and paths may differ).
+STATE_KEYS = ("id", "method", "K", "lr", "seed", "r", "alpha", "steps", "global_batch", "options", "eval_every",
+              "heldout_limit", "curve_rows", "max_length", "warmup_ratio", "max_grad_norm", "eval_at_start")
+
+
+def _state_settings(run: dict) -> dict:
+    return {k: run.get(k) for k in STATE_KEYS}
+
+
+def save_state(path: str, run: dict, net, sim, opts: list, scheds: list, progress: dict) -> None:
+    """Everything the rest of the run depends on, at a step boundary: every tensor of the model (W, PiSSA's residual,
+    the adapters), HD-PiSSA's engine state (initial factors, subspace schedule, fold counter; every device's adapters
+    equal their initial slices right after a fold, so they need no saving), each optimizer and scheduler, the RNG and
+    the record so far. Written to a temp file and renamed, so a kill while writing leaves the previous state."""
+    state = {"settings": _state_settings(run), "progress": progress, "rng": torch.get_rng_state(),
+             "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
+             "optimizers": [o.state_dict() for o in opts], "schedulers": [s.state_dict() for s in scheds],
+             "engine": sim.engine.state_dict() if sim is not None else None}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | None, run: dict, net, sim, opts: list, scheds: list) -> dict | None:
+    """Restore a state written by :func:`save_state` for this run's settings; its progress dict, or None to start
+    from step 0 (no state, or one from other settings: said, and left to be overwritten)."""
+    if not path or not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["settings"] != _state_settings(run):
+        differ = sorted(k for k in STATE_KEYS if state["settings"].get(k) != run.get(k))
+        print(f"[sim_train] {run['id']}: the saved state at {path} was made with other settings ({', '.join(differ)}); "
+              f"starting from step 0", flush=True)
+        return None
+    if sim is not None:
+        sim.engine.load_state_dict(state["engine"])
+    net.load_state_dict(state["model"], strict=True)
+    if sim is not None:
+        sim.reset_adapters()
+    for o, sd in zip(opts, state["optimizers"], strict=True):
+        o.load_state_dict(sd)
+    for sc, sd in zip(scheds, state["schedulers"], strict=True):
+        sc.load_state_dict(sd)
+    torch.set_rng_state(state["rng"])
+    return state["progress"]
 
 
 def save_final(net, sim, method: str, out_dir: str) -> None:
@@ -340,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     from bench._runlog import write_run
 
     write_run(os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out)[:-len(".json")], rec)
+    if run.get("state_dir"):  # the record is written: the mid-run state has done its job
+        import shutil
+
+        shutil.rmtree(run["state_dir"], ignore_errors=True)
     print(f"[sim_train] {run['id']}: done, held-out {rec['heldout']['eval_loss']:.4f}, "
           f"math EM {rec['heldout'].get('math_em', float('nan')):.2f}, {rec['wall_s']:.0f}s", flush=True)
 

@@ -291,7 +291,8 @@ def run_smollm2_sim(study_name: str, study: dict, runs: list[dict], work_dir: st
                     parallel: int = 2) -> None:
     """Each run is ``python -m bench.sim_train`` in its own process (one torch thread, under ``nice``), at most
     ``parallel`` at a time; a progress bar counts finished runs. A run's JSON appears only when it has finished, so a
-    stopped study resumes with the runs that have no JSON (a run cut short starts over)."""
+    stopped study resumes with the runs that have no JSON; a run cut short resumes at its last evaluation point (its
+    state in ``WORK_DIR/state/<run>/``, removed when the run's JSON is written)."""
     import subprocess
 
     from tqdm.auto import tqdm
@@ -314,11 +315,12 @@ def run_smollm2_sim(study_name: str, study: dict, runs: list[dict], work_dir: st
                 spec = dict(run, study=study_name, global_batch=study["global_batch"], eval_every=study["eval_every"],
                             save_final_dir=os.path.join(work_dir, "final", run["id"]) if keep else None,
                             heldout_limit=study["heldout_limit"], curve_rows=study["curve_rows"],
-                            em_limit=study["em_limit"], env=env, git_commit=commit, threads=1)
+                            em_limit=study["em_limit"], env=env, git_commit=commit, threads=1,
+                            state_dir=os.path.join(work_dir, "state", run["id"]))
                 path = os.path.join(work_dir, run["id"] + ".run.json")
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(spec, f)
-                log = open(os.path.join(logs, run["id"] + ".log"), "w", encoding="utf-8")
+                log = open(os.path.join(logs, run["id"] + ".log"), "a", encoding="utf-8")  # a resumed run appends
                 cmd = ["nice", "-n", str(study.get("nice", 15)), sys.executable, "-m", "bench.sim_train",
                        "--run", path, "--out", os.path.join(out_dir, run["id"] + ".json")]
                 penv = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",

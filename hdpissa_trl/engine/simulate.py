@@ -94,6 +94,15 @@ class SimulatedDevices:
         return torch.cat(parts).to(torch.float32)
 
     @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """Every device's adapters back to its slice of the initial factors (after a fold, or a restored state)."""
+        for k in range(self.world_size):
+            for layer, (A, B) in zip(self.engine.layers, self.adapters[k]):
+                sl = slice(k * layer.r, (k + 1) * layer.r)
+                A.copy_(layer.A0_all[sl])
+                B.copy_(layer.B0_all[:, sl])
+
+    @torch.no_grad()
     def fold(self) -> FoldStats:
         """The fold of a K-process run: the K local buffers in rank order (the all-gather's result), folded into W
         layer by layer with the engine's updaters; then the subspace schedule and a reset of every device's adapters."""
@@ -104,11 +113,7 @@ class SimulatedDevices:
         gathered = torch.stack([self.local_buffer(k) for k in range(self.world_size)])
         fold_gathered(layers, engine.updaters, gathered, engine.step, engine.subspace.moves_factors, reset=False)
         engine.factors_changed = engine.subspace.after_fold(engine)
-        for k in range(self.world_size):
-            for layer, (A, B) in zip(layers, self.adapters[k]):
-                sl = slice(k * layer.r, (k + 1) * layer.r)
-                A.copy_(layer.A0_all[sl])
-                B.copy_(layer.B0_all[:, sl])
+        self.reset_adapters()
         stats.update_rank_bound = update_rank_bound(layers, self.world_size)
         stats.fold_timer.stop()
         return stats
