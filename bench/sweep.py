@@ -14,7 +14,9 @@ whose file exists are skipped), and the tables are regenerated from the files al
 
 Studies (``STUDIES``) fix the task(s), methods, grid, steps, rank and seeds; results go to
 ``bench/results/sweep/<study>/``. Tiny runs reuse ``bench/quality.py``'s training loop and tasks under real torchrun
-gloo processes; SmolLM2 runs are the real recipe through ``bench/real_model.py``. Run long sweeps under
+gloo processes; the ``smollm2`` study runs the real recipe through ``bench/real_model.py``; ``smollm2_100`` and
+``smollm2_paper`` run ``bench/sim_train.py`` (K devices simulated exactly in one process), and a run of theirs cut short
+resumes at its last evaluation point (``--work_dir``/state/<run>/). Run long sweeps under
 ``nice -n 15``: the numbers record the machine's load, the step times are only comparable within a study.
 """
 
