@@ -243,6 +243,7 @@ def train(run: dict) -> dict:
         progress = dict(step=0, curve=curve, train_losses=[], norms=[], clipped=0, train_s=0.0, restarts=0)
     else:
         print(f"[sim_train] {run['id']}: resumed after step {progress['step']} from {state_path}", flush=True)
+        progress["resumed_after"] = progress.get("resumed_after", []) + [progress["step"]]
     start, curve = progress["step"], progress["curve"]
     train_losses, norms, clipped = progress["train_losses"], progress["norms"], progress["clipped"]
     train_s, restarts = progress["train_s"], progress["restarts"]
@@ -292,8 +293,8 @@ def train(run: dict) -> dict:
             curve.append((step + 1, heldout(net, tok, sets, curve_rows)[0]))
             if state_path:  # after the evaluation, so a resumed run repeats none of it
                 save_state(state_path, run, net, sim, opts, scheds,
-                           dict(step=step + 1, curve=curve, train_losses=train_losses, norms=norms, clipped=clipped,
-                                train_s=train_s, restarts=restarts))
+                           dict(progress, step=step + 1, curve=curve, train_losses=train_losses, norms=norms,
+                                clipped=clipped, train_s=train_s, restarts=restarts))
         else:
             continue
         print(f"[sim_train] {run['id']}: step {step + 1} held-out {curve[-1][1]['eval_loss']:.4f} "
@@ -313,7 +314,8 @@ def train(run: dict) -> dict:
             "trainable_numel": sum(p.numel() for o in opts for g in o.param_groups for p in g["params"]),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "per_device_batch": b, "processes": 1, "simulated_devices": K, "warmup_steps": warmup,
-            "max_grad_norm": max_norm}
+            "max_grad_norm": max_norm,
+            "resumed_after_steps": progress.get("resumed_after", [])}  # wall_s and setup_s cover the last part only
 
 
 # -- mid-run state: a run cut short (a session's end, a reboot) resumes at its last evaluation point ----------------

@@ -123,6 +123,7 @@ def test_a_run_cut_at_an_evaluation_point_resumes_to_the_uninterrupted_result(mo
     b = json.loads((tmp_path / "out" / "b.json").read_text())
     for key in ("curve", "train_losses", "grad_norms", "heldout", "clip_fraction", "subspace_restarts"):
         assert a[key] == b[key], key
+    assert a["resumed_after_steps"] == [] and b["resumed_after_steps"] == [2]
     if method == "hdpissa":
         assert a["subspace_restarts"] == 2  # the gradient schedule did change the directions (steps 2 and 4)
     wa, wb = load_file(tmp_path / "final_a" / "linears.safetensors"), load_file(tmp_path / "final_b" /
