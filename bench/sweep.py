@@ -536,16 +536,19 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
             lines += _per_layer_lines(task, labels, at_best, ks[0])
         select = selection_seeds(records)
         if select:
-            lines += _decision_lines(task, labels, at_best, select, tsum)
+            planned = sorted(set(STUDIES.get(recs[0].get("study"), {}).get("seeds", [])) - set(select))
+            lines += _decision_lines(task, labels, at_best, select, tsum, planned)
         if recs[0].get("kind") == "smollm2_sim":
             lines += _clip_lines(task, labels, at_best)
         summary["tasks"][task] = tsum
     return "\n".join(lines), summary
 
 
-def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[int], out: dict) -> list[str]:
+def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[int], out: dict,
+                    planned: list[int] | None = None) -> list[str]:
     """The decision, on the seeds that chose no rate: arm A beats arm B when A's held-out loss is lower on every such
-    seed and on their mean. One row per arm: whom it beats, who beats it, and its losses on those seeds."""
+    seed and on their mean. One row per arm: whom it beats, who beats it, and its losses on those seeds. While some of
+    the study's ``planned`` decision seeds have not run for every arm, the table is marked provisional."""
     seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in at_best.values()]) - set(select))
     if not seeds:
         return ["", f"**{task}: decision** — no seed beyond the rate-choosing seed(s) {select} has run for every arm yet."]
@@ -556,7 +559,11 @@ def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[in
         return all(d < 0 for d in da) and sum(da) < 0
 
     head = ["method", *[f"held-out loss, seed {s}" for s in seeds], "mean", "beats", "beaten by"]
-    lines = ["", f"**{task}: decision on seeds {', '.join(map(str, seeds))}** (they chose no rate; A beats B when A's "
+    missing = sorted(set(planned or []) - set(seeds))
+    title = (f"**{task}: PROVISIONAL, not a decision: seed(s) {', '.join(map(str, missing))} of the decision seeds "
+             f"{', '.join(map(str, planned))} have not run for every arm yet**" if missing else
+             f"**{task}: decision on seeds {', '.join(map(str, seeds))}**")
+    lines = ["", f"{title} (they chose no rate; A beats B when A's "
                  f"held-out loss is lower on each of them and on their mean; each arm at the rate chosen on seed(s) "
                  f"{', '.join(map(str, select))})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dec = {}
@@ -568,7 +575,7 @@ def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[in
                                         f"{dec[lab]['mean']:.4f}",
                                         ", ".join(LABEL_NAMES.get(b, b) for b in won) or "—",
                                         ", ".join(LABEL_NAMES.get(b, b) for b in lost) or "—"]) + " |")
-    out["decision"] = {"seeds": seeds, **dec}
+    out["decision"] = {"seeds": seeds, "provisional": bool(missing), **dec}
     return lines
 
 

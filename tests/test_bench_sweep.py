@@ -47,6 +47,25 @@ def test_summary_best_rate_paired_and_wins(tmp_path):
     assert sweep._edge_extensions({}, recs, ["hdpissa2", "pissa2"]) == {"hdpissa2": [0.009], "pissa2": [0.0333]}
 
 
+def test_decision_is_marked_provisional_until_every_decision_seed_has_run():
+    """smollm2_100 chooses rates on seed 0 and decides on seeds 1 and 2: with seed 1 alone the table says so."""
+    def recs(seeds):
+        out = [dict(_rec("pissa2", 5e-4, s, v), study="smollm2_100") for s, v in zip(seeds, [0.20, 0.19, 0.18])]
+        out += [dict(_rec("hdpissa2", 5e-4, s, v), study="smollm2_100") for s, v in zip(seeds, [0.19, 0.20, 0.19])]
+        return out
+
+    md, summary = sweep.summarize_study("smollm2_100", recs([0, 1]), references=["pissa2"])
+    decision = summary["tasks"]["t"]["decision"]
+    assert "PROVISIONAL, not a decision: seed(s) 2 of the decision seeds 1, 2" in md
+    assert decision["provisional"] and decision["seeds"] == [1] and decision["pissa2"]["beats"] == ["hdpissa2"]
+    md, summary = sweep.summarize_study("smollm2_100", recs([0, 1, 2]), references=["pissa2"])
+    decision = summary["tasks"]["t"]["decision"]
+    assert "**t: decision on seeds 1, 2**" in md and "PROVISIONAL" not in md
+    # pissa2 lower on seed 1 (0.19 vs 0.20) and seed 2 (0.18 vs 0.19) and on the mean: it beats HD-PiSSA.
+    assert not decision["provisional"] and decision["pissa2"]["beats"] == ["hdpissa2"]
+    assert decision["hdpissa2"]["beaten_by"] == ["pissa2"]
+
+
 def test_run_files_are_atomic_and_listed(tmp_path):
     rid = run_id("t", "pissa2", 2, 2.0, 1e-3, 5, 0)
     assert rid == "t__pissa2__r2_a2__lr0.001__steps5__s0"
