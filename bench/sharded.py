@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from bench import _common as common
-from bench._runlog import reset_peak_rss
+from bench._runlog import peak_rss, reset_peak_rss
 
 MODES = ("replicated", "all_gather", "all_to_all")  # replicated W, or sharded W with one of the two fold schemes
 WRAPPED = ("all_gather_single", "all_gather_into_tensor", "all_to_all_single", "reduce_scatter_single",
@@ -222,11 +222,8 @@ LOADING_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_layers=12, nu
 
 
 def _hwm_bytes() -> int:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return common.peak_rss_bytes()
+    """The high-water mark that :func:`reset_peak_rss` restarts (VmHWM); ``ru_maxrss`` where there is none."""
+    return peak_rss() or common.peak_rss_bytes()
 
 
 class RssSampler:

@@ -336,7 +336,7 @@ def save_state(path: str, run: dict, net, sim, opts: list, scheds: list, progres
     equal their initial slices right after a fold, so they need no saving), each optimizer and scheduler, the RNG and
     the record so far. Written to a temp file and renamed, so a kill while writing leaves the previous state."""
     state = {"settings": _state_settings(run), "progress": progress, "rng": torch.get_rng_state(),
-             "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
+             "model": net.state_dict(),
              "optimizers": [o.state_dict() for o in opts], "schedulers": [s.state_dict() for s in scheds],
              "engine": sim.engine.state_dict() if sim is not None else None}
     os.makedirs(os.path.dirname(path), exist_ok=True)
