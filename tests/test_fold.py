@@ -120,6 +120,24 @@ def test_bucketed_gather_same_result(tmp_path):
         assert torch.equal(a[0]["W"][n], b[0]["W"][n])
 
 
+@pytest.mark.parametrize("sizes,cap", [([3, 3, 3, 3], 6), ([5, 1, 1, 9, 2, 2, 2], 4), ([1] * 7, 100), ([7], 1), ([], 5)])
+def test_buckets_by_size_against_a_greedy_reference(sizes, cap):
+    """Buckets are the greedy left-to-right split: start a new bucket exactly when the next item would push a
+    non-empty one past the cap. The reference rebuilds that split from its definition, item by item."""
+    from hdpissa_trl.engine.fold import buckets_by_size
+
+    expected: list[list[int]] = []
+    for i, size in enumerate(sizes):
+        if expected and sum(sizes[j] for j in expected[-1]) + size <= cap:
+            expected[-1].append(i)
+        else:
+            expected.append([i])
+    got = buckets_by_size(sizes, cap)
+    assert got == expected
+    assert [i for b in got for i in b] == list(range(len(sizes)))
+    assert all(len(b) == 1 or sum(sizes[i] for i in b) <= cap for b in got)
+
+
 @pytest.mark.slow
 def test_one_step_update_rank_is_2Kr(tmp_path):
     """K=4 devices, r=2: one step moves a 48x32 layer in exactly 2·K·r = 16 directions (DP-LoRA: at most 2r = 4)."""

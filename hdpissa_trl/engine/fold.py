@@ -93,6 +93,21 @@ def layer_delta_numel(layer: HDPiSSALinear) -> int:
     return layer.r * (layer.in_features + layer.out_features)
 
 
+def buckets_by_size(sizes: list[int], cap: int) -> list[list[int]]:
+    """Split indices into consecutive runs whose summed ``sizes`` stay under ``cap`` (an item larger than the cap
+    gets a run alone). Every rank computes the same runs from the same sizes, so the collectives line up."""
+    buckets, cur, cur_size = [], [], 0
+    for i, size in enumerate(sizes):
+        if cur and cur_size + size > cap:
+            buckets.append(cur)
+            cur, cur_size = [], 0
+        cur.append(i)
+        cur_size += size
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
 def make_buckets(layers: list[HDPiSSALinear], bucket_bytes: int) -> list[list[int]]:
     """Split layer indices into consecutive buckets whose fp32 delta buffers stay under ``bucket_bytes``.
 
@@ -100,17 +115,7 @@ def make_buckets(layers: list[HDPiSSALinear], bucket_bytes: int) -> list[list[in
     """
     if bucket_bytes <= 0:
         return [list(range(len(layers)))]
-    buckets, cur, cur_bytes = [], [], 0
-    for i, layer in enumerate(layers):
-        nbytes = layer_delta_numel(layer) * 4
-        if cur and cur_bytes + nbytes > bucket_bytes:
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += nbytes
-    if cur:
-        buckets.append(cur)
-    return buckets
+    return buckets_by_size([layer_delta_numel(layer) * 4 for layer in layers], bucket_bytes)
 
 
 @torch.no_grad()

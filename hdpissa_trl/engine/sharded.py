@@ -36,7 +36,7 @@ from torch import nn
 from .config import SHARDED_COMM as COMM_SCHEMES
 from .consistency import WeightMismatchError, tensor_checksum
 from .distributed import collective_errors
-from .fold import FoldStats, Stopwatch, gather_buffers, local_delta_buffer, update_rank_bound
+from .fold import FoldStats, Stopwatch, buckets_by_size, gather_buffers, local_delta_buffer, update_rank_bound
 from .init import top_singular_factors
 from .layer import HDPiSSALinear, plain_key
 from .model import FACTOR_CONVENTION, HDPiSSAEngine, WeightCheck, _set_submodule, find_target_modules
@@ -255,17 +255,7 @@ def receive_buckets(layers: list[ShardedHDPiSSALinear], world: int, scheme: str,
     """Consecutive layer indices whose fold receive buffers together stay under ``cap_bytes`` (a layer larger than
     the cap alone); the same buckets on every rank. ``cap_bytes <= 0``: :data:`DEFAULT_RECEIVE_CAP_MB`."""
     cap = cap_bytes if cap_bytes > 0 else DEFAULT_RECEIVE_CAP_MB * 2**20
-    buckets, cur, cur_bytes = [], [], 0
-    for i, layer in enumerate(layers):
-        nbytes = layer_receive_bytes(layer, world, scheme)
-        if cur and cur_bytes + nbytes > cap:
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += nbytes
-    if cur:
-        buckets.append(cur)
-    return buckets
+    return buckets_by_size([layer_receive_bytes(layer, world, scheme) for layer in layers], cap)
 
 
 def choose_comm_scheme(scheme: str, layers: list[ShardedHDPiSSALinear], world: int, rank: int) -> str:
