@@ -278,6 +278,22 @@ class MethodSetup:
         return nullcontext()
 
 
+def data_parallel_model(name: str, model, cfg):
+    """``model`` made ready for a data-parallel baseline: PEFT's LoRA / PiSSA adapter built by the trainers' own
+    ``build_peft_config`` (same layers, same init as HD-PiSSA's config says), or every weight trainable for full FT."""
+    if name in ("lora", "pissa"):
+        from peft import get_peft_model
+
+        from hdpissa_trl import build_peft_config
+
+        return get_peft_model(model, build_peft_config(name, cfg))
+    if name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    raise ValueError(f"unknown method {name!r}")
+
+
 def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: int = 0, distributed: bool = False,
                  init_method: str = "svd", n_iter: int = 4, precision: str = "fp32", use_ddp: bool = True,
                  target_modules="all-linear", hdpissa_options: dict | None = None) -> MethodSetup:
@@ -302,18 +318,7 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
                                     target_modules=target_modules)
         return MethodSetup(name, model, off.adapter_parameters(), after_step=off.fold,
                            after_backward=off.rescale_gradients, engine=off)
-    if name in ("lora", "pissa"):
-        from peft import get_peft_model
-
-        from hdpissa_trl.trainer.mixin import build_peft_config  # the trainer's own baselines: same layers, same init
-
-        inner = get_peft_model(model, build_peft_config(name, cfg))
-    elif name == "full":
-        inner = model
-        for p in inner.parameters():
-            p.requires_grad_(True)
-    else:
-        raise ValueError(f"unknown method {name!r}")
+    inner = data_parallel_model(name, model, cfg)
     params = [p for p in inner.parameters() if p.requires_grad]
     wrapped, ddp = inner, False
     if distributed and use_ddp and world > 1:

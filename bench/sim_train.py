@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench._common import REPO_ROOT, load_average, quiet_hf
+from bench._common import REPO_ROOT, data_parallel_model, load_average, quiet_hf
 
 DATA = "recipes/smollm2-135m/data"
 TASKS = ("math", "code", "text")
@@ -174,7 +174,7 @@ def train(run: dict) -> dict:
     """Train one (label, lr, seed) run; returns its record (held-out curve, final metrics, clipping, timing)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hdpissa_trl import HDPiSSAConfig, build_peft_config
+    from hdpissa_trl import HDPiSSAConfig
 
     torch.manual_seed(run["seed"])
     torch.set_num_threads(run.get("threads", 1))
@@ -221,16 +221,7 @@ def train(run: dict) -> dict:
             for o in opts:
                 sim.engine.scale_learning_rate(o)
     else:
-        if method in ("lora", "pissa"):
-            from peft import get_peft_model
-
-            net = get_peft_model(model, build_peft_config(method, cfg))
-        elif method == "full":
-            net = model
-            for p in net.parameters():
-                p.requires_grad_(True)
-        else:
-            raise ValueError(f"unknown method {method!r}")
+        net = data_parallel_model(method, model, cfg)
         opts = [torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], **opt_kwargs)]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched_fn) for o in opts]
     setup_s = time.time() - t_setup
