@@ -104,7 +104,9 @@ STUDIES: dict[str, dict] = {
         kind="smollm2_sim", tasks=["multitask"],
         labels=["pissa2", "hdpissa2", "lora2", "full2", "hdpissa2_refactor25", "hdpissa2_rotate25",
                 "hdpissa2_gradient25", "hdpissa2_refactor25_wu", "hdpissa2_gradient25_wu", "hdpissa4", "hdpissa8"],
-        grid={"hdpissa": [1e-3, 2e-3, 4e-3], "pissa": [1e-3, 2e-3, 4e-3], "lora": [2e-3, 4e-3, 8e-3],
+        # PiSSA's and HD-PiSSA's grids are centred where seed 0 bracketed both bests (5e-4), below the 20-step
+        # study's optima (§5b): a call without --lrs plans the rates that were run, not an unused octave above.
+        grid={"hdpissa": [2.5e-4, 5e-4, 1e-3], "pissa": [2.5e-4, 5e-4, 1e-3], "lora": [2e-3, 4e-3, 8e-3],
               "full": [1.5e-5, 3e-5, 6e-5]},
         steps=100, eval_every=20, r=2, alpha=2.0, global_batch=8, seeds=[0, 1, 2], select_seeds=[0],
         references=["pissa2", "hdpissa2"], heldout_limit=100, curve_rows=40, em_limit=100,
