@@ -211,6 +211,7 @@ def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
     ``build_tiny`` (the demo) builds a tiny random model at ``model_name_or_path`` when nothing is there; it is refused
     together with a GGUF source or a Hub model id, so the model a user names is the model trained.
     """
+    from ..trainer.hub import looks_like_hub_id
     from .gguf import cached_checkpoint, gguf_provenance, is_gguf_source
 
     if build_tiny:
@@ -219,7 +220,7 @@ def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
             raise ValueError(f"build_tiny_model=true (build a random demo model) conflicts with the GGUF model you "
                              f"named ({source}). To train that model, pass --build_tiny_model false; nothing was "
                              f"read or written.")
-        if not os.path.exists(model_name_or_path) and _looks_like_hub_id(model_name_or_path):
+        if looks_like_hub_id(model_name_or_path):
             raise ValueError(f"build_tiny_model=true would build a random demo model at the local path "
                              f"{model_name_or_path!r}, which looks like a Hub model id. To train that model, pass "
                              f"--build_tiny_model false; to build the demo model there, write the path as "
@@ -234,18 +235,6 @@ def resolve_model_source(model_name_or_path: str, gguf_file: str | None = None,
             source = list(spec.submodule_search_locations)[0]
     path = cached_checkpoint(source, gguf_file=gguf_file)
     return str(path), gguf_provenance(path)
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.count("/") > 1 or name.startswith((".", "/")):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 @contextlib.contextmanager

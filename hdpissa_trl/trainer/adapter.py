@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..engine.export import export_updates, overall_relative_error, resolve_factorization
+from .hub import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -168,18 +169,6 @@ def _task_type(model) -> str | None:
     return None
 
 
-def _looks_like_hub_id(name: str | None) -> bool:
-    if not name or os.path.exists(name) or os.path.isabs(name) or name.count("/") != 1:
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 # -- the export ----------------------------------------------------------------------------------------------------
 def save_adapter(trainer, path: str | None = None, *, base_model: str | None = None,
                  base_model_name_or_path: str | None = None, rank: int | None = None, factorization: str = "auto",
@@ -292,7 +281,7 @@ def write_adapter_card(card_path: str, result: AdapterExport, info: dict[str, An
     from .card import _public_name, _settings_table, eval_results_for_card
 
     base = result.base_model_name_or_path
-    hub_base = base if _looks_like_hub_id(base) else None
+    hub_base = base if looks_like_hub_id(base, namespaced=True) else None
     # A local starting directory (a GGUF conversion in the cache is named by its hash) is shown by the name the user
     # gave (the recipe's "base model"), never by a path of the machine that trained.
     named = info.get("base model")

@@ -1,9 +1,11 @@
-"""The Hub token never lands in a file: it rides in the upload client, not in the pickled training arguments."""
+"""The Hub, seen from the trainers: the token never lands in a file (it rides in the upload client, not in the pickled
+training arguments), and which names are Hub model ids rather than local paths."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 
 @contextlib.contextmanager
@@ -32,3 +34,20 @@ def hub_token_outside_args(trainer):
         trainer.args.hub_token = token
         if factory is not None:
             hf_trainer.hf_api = factory
+
+
+def looks_like_hub_id(name: str | None, namespaced: bool = False) -> bool:
+    """Whether ``name`` reads as a Hub model id rather than a local path: a valid repo id, not an existing or absolute
+    path, at most one ``/``. ``namespaced``: only ``owner/name`` counts (what a card's ``base_model`` links to);
+    otherwise a bare canonical id such as ``gpt2`` counts too (what ``from_pretrained`` would fetch)."""
+    if not name or os.path.exists(name) or name.startswith((".", "/")) or os.path.isabs(name):
+        return False
+    if name.count("/") > 1 or (namespaced and name.count("/") != 1):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
