@@ -122,8 +122,9 @@ class HDPiSSAConfig:
                           "'gradient' (every subspace_steps folds the devices take the top K·r singular directions of "
                           "the full gradient of W, summed over devices, at W's singular-value magnitudes; optimizer "
                           "state restarts; on SmolLM2 at fixed's best rate it did worse than 'fixed', its gradient "
-                          "norms tripling after each change: tune its rate on its own), or EXPERIMENTAL 'moving' (factors follow the adapters as in PiSSA; not "
-                          "better than 'fixed' on the multi-task benchmark). See BENCHMARKS.md §5c and §6."},
+                          "norms tripling after each change: tune its rate on its own), or EXPERIMENTAL 'moving' "
+                          "(factors follow the adapters as in PiSSA; not better than 'fixed' on the multi-task "
+                          "benchmark). See BENCHMARKS.md §5c and §6."},
     )
     subspace_steps: int = field(
         default=50,
