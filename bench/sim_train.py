@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 
@@ -37,7 +36,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench._common import REPO_ROOT, data_parallel_model, load_average, quiet_hf
+from bench._common import REPO_ROOT, data_parallel_model, load_average, peak_rss_bytes, quiet_hf
 
 DATA = "recipes/smollm2-135m/data"
 TASKS = ("math", "code", "text")
@@ -204,7 +203,7 @@ def train(run: dict) -> dict:
             final.update(math_exact_match(model, tok, run.get("em_limit", 100)))
         return {"heldout": final, "curve": curve, "curve_rows_per_task": run.get("curve_rows", 40),
                 "train_losses": [], "train_loss_last_half": float("nan"), "grad_norms": [], "clip_fraction": 0.0,
-                "step_time_s": 0.0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "step_time_s": 0.0, "peak_rss_bytes": peak_rss_bytes()}
     warmup = round(run.get("warmup_ratio", 0.03) * steps)
     sched_fn = cosine_lambda(warmup, steps)
     max_norm = run.get("max_grad_norm", 1.0)
@@ -303,7 +302,7 @@ def train(run: dict) -> dict:
             "grad_norms": [round(x, 5) for x in norms], "clip_fraction": clipped / max(len(norms), 1),
             "subspace_restarts": restarts, "step_time_s": train_s / steps, "setup_s": setup_s,
             "trainable_numel": sum(p.numel() for o in opts for g in o.param_groups for p in g["params"]),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "per_device_batch": b, "processes": 1, "simulated_devices": K, "warmup_steps": warmup,
             "max_grad_norm": max_norm,
             "resumed_after_steps": progress.get("resumed_after", [])}  # wall_s and setup_s cover the last part only
