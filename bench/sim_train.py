@@ -171,6 +171,7 @@ def clip(params: list[torch.Tensor], max_norm: float) -> float:
 
 def train(run: dict) -> dict:
     """Train one (label, lr, seed) run; returns its record (held-out curve, final metrics, clipping, timing)."""
+    t_part = time.time()  # this part of the run (a resumed run adds the earlier parts' time kept in its state)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hdpissa_trl import HDPiSSAConfig
@@ -203,7 +204,7 @@ def train(run: dict) -> dict:
             final.update(math_exact_match(model, tok, run.get("em_limit", 100)))
         return {"heldout": final, "curve": curve, "curve_rows_per_task": run.get("curve_rows", 40),
                 "train_losses": [], "train_loss_last_half": float("nan"), "grad_norms": [], "clip_fraction": 0.0,
-                "step_time_s": 0.0, "peak_rss_bytes": peak_rss_bytes()}
+                "step_time_s": 0.0, "peak_rss_bytes": peak_rss_bytes(), "wall_s": time.time() - t_part}
     warmup = round(run.get("warmup_ratio", 0.03) * steps)
     sched_fn = cosine_lambda(warmup, steps)
     max_norm = run.get("max_grad_norm", 1.0)
@@ -233,6 +234,7 @@ def train(run: dict) -> dict:
         progress = dict(step=0, curve=curve, train_losses=[], norms=[], clipped=0, train_s=0.0, restarts=0)
     else:
         print(f"[sim_train] {run['id']}: resumed after step {progress['step']} from {state_path}", flush=True)
+        t_part -= progress.get("wall_s", 0.0)  # up to the saved step; the work redone after the cut counts once
         progress["resumed_after"] = progress.get("resumed_after", []) + [progress["step"]]
     start, curve = progress["step"], progress["curve"]
     train_losses, norms, clipped = progress["train_losses"], progress["norms"], progress["clipped"]
@@ -284,7 +286,7 @@ def train(run: dict) -> dict:
             if state_path:  # after the evaluation, so a resumed run repeats none of it
                 save_state(state_path, run, net, sim, opts, scheds,
                            dict(progress, step=step + 1, curve=curve, train_losses=train_losses, norms=norms,
-                                clipped=clipped, train_s=train_s, restarts=restarts))
+                                clipped=clipped, train_s=train_s, restarts=restarts, wall_s=time.time() - t_part))
         else:
             continue
         print(f"[sim_train] {run['id']}: step {step + 1} held-out {curve[-1][1]['eval_loss']:.4f} "
@@ -305,7 +307,8 @@ def train(run: dict) -> dict:
             "peak_rss_bytes": peak_rss_bytes(),
             "per_device_batch": b, "processes": 1, "simulated_devices": K, "warmup_steps": warmup,
             "max_grad_norm": max_norm,
-            "resumed_after_steps": progress.get("resumed_after", [])}  # wall_s and setup_s cover the last part only
+            "resumed_after_steps": progress.get("resumed_after", []),  # setup_s is the last part's
+            "wall_s": time.time() - t_part}
 
 
 # -- mid-run state: a run cut short (a session's end, a reboot) resumes at its last evaluation point ----------------
@@ -392,11 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     quiet_hf()
     with open(args.run, encoding="utf-8") as f:
         run = json.load(f)
-    load0, t0 = load_average(), time.time()
+    load0 = load_average()
     rec = train(run)
     rec.update({k: run[k] for k in ("task", "label", "method", "K", "lr", "seed", "r", "steps", "global_batch")},
                study=run["study"], kind="smollm2_sim", lora_alpha=run["alpha"], hdpissa_options=run.get("options", {}),
-               wall_s=time.time() - t0, load_avg_1min_start=load0, load_avg_1min_end=load_average(),
+               load_avg_1min_start=load0, load_avg_1min_end=load_average(),
                nice=os.nice(0), env=run.get("env"), git_commit=run.get("git_commit"), model="SmolLM2-135M-Instruct")
     from bench._runlog import write_run
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -116,7 +117,10 @@ def test_a_run_cut_at_an_evaluation_point_resumes_to_the_uninterrupted_result(mo
     assert proc.returncode == sim_train.STOPPED_EXIT, proc.stdout + proc.stderr
     assert not (tmp_path / "out" / "b.json").exists() and (state_dir / sim_train.STATE_FILE).is_file()
     cut.pop("stop_after_step")
+    first_part = torch.load(state_dir / sim_train.STATE_FILE, weights_only=False)["progress"]["wall_s"]
+    t_second = time.time()
     proc = launch(cut, tmp_path, "b")
+    t_second = time.time() - t_second
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed after step 2" in proc.stdout
     a = json.loads((tmp_path / "out" / "a.json").read_text())
@@ -124,6 +128,8 @@ def test_a_run_cut_at_an_evaluation_point_resumes_to_the_uninterrupted_result(mo
     for key in ("curve", "train_losses", "grad_norms", "heldout", "clip_fraction", "subspace_restarts"):
         assert a[key] == b[key], key
     assert a["resumed_after_steps"] == [] and b["resumed_after_steps"] == [2]
+    # wall_s adds the first part's time up to its saved step to the second part's, which is inside its process's
+    assert 0 < first_part < b["wall_s"] < first_part + t_second
     if method == "hdpissa":
         assert a["subspace_restarts"] == 2  # the gradient schedule did change the directions (steps 2 and 4)
     wa, wb = load_file(tmp_path / "final_a" / "linears.safetensors"), load_file(tmp_path / "final_b" /
