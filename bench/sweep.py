@@ -61,6 +61,8 @@ LABELS: dict[str, tuple[str, int, dict]] = {
                                               "subspace_warmup_steps": 5}),
     "hdpissa2_refactor25_wu": ("hdpissa", 2, {"subspace": "refactor", "subspace_steps": 25,
                                               "subspace_warmup_steps": 5}),
+    # A diagnostic of the simulator (smollm2_* studies only): each slice steps on the whole global batch's gradient.
+    "hdpissa2_globalgrad": ("hdpissa", 2, {"slice_gradient": "global"}),
 }
 LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2": "PEFT PiSSA", "lora2": "PEFT LoRA",
                "full2": "full FT", "hdpissa2_refactor": "HD-PiSSA K=2, refactor/50",
@@ -68,7 +70,8 @@ LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2":
                "hdpissa2_refactor25": "HD-PiSSA K=2, refactor/25", "hdpissa2_rotate25": "HD-PiSSA K=2, rotate/25",
                "hdpissa8": "HD-PiSSA K=8 (simulated)", "hdpissa2_gradient25": "HD-PiSSA K=2, gradient/25",
                "hdpissa2_gradient25_wu": "HD-PiSSA K=2, gradient/25 + warm-up 5",
-               "hdpissa2_refactor25_wu": "HD-PiSSA K=2, refactor/25 + warm-up 5"}
+               "hdpissa2_refactor25_wu": "HD-PiSSA K=2, refactor/25 + warm-up 5",
+               "hdpissa2_globalgrad": "HD-PiSSA K=2, each slice on the global batch (diagnostic)"}
 ADAPTER_GRID_TINY = [1e-3, 3e-3, 1e-2, 3e-2]
 STUDIES: dict[str, dict] = {
     "tiny": dict(
@@ -103,7 +106,8 @@ STUDIES: dict[str, dict] = {
     "smollm2_100": dict(
         kind="smollm2_sim", tasks=["multitask"],
         labels=["pissa2", "hdpissa2", "lora2", "full2", "hdpissa2_refactor25", "hdpissa2_rotate25",
-                "hdpissa2_gradient25", "hdpissa2_refactor25_wu", "hdpissa2_gradient25_wu", "hdpissa4", "hdpissa8"],
+                "hdpissa2_gradient25", "hdpissa2_refactor25_wu", "hdpissa2_gradient25_wu", "hdpissa4", "hdpissa8",
+                "hdpissa2_globalgrad"],
         # PiSSA's and HD-PiSSA's grids are centred where seed 0 bracketed both bests (5e-4), below the 20-step
         # study's optima (§5b): a call without --lrs plans the rates that were run, not an unused octave above.
         grid={"hdpissa": [2.5e-4, 5e-4, 1e-3], "pissa": [2.5e-4, 5e-4, 1e-3], "lora": [2e-3, 4e-3, 8e-3],

@@ -69,15 +69,17 @@ def grad_norm(params) -> float:
 def test_gradients_are_ddps_average_for_the_baselines_and_each_devices_own_for_hdpissa(model_dir, tmp_path):
     """Full FT at K = 2: the pre-clip norm of step 0 is the norm of ∇(Σ nll / N) over the whole global batch, which
     is DDP's average of the two devices' gradients (each device's loss 2·Σnll_k/N). HD-PiSSA: device k's norm is that
-    of ∇(2·Σnll_k/N) over its own adapters, computed on a model injected as rank k of 2 (as in a real launch)."""
+    of ∇(2·Σnll_k/N) over its own adapters, computed on a model injected as rank k of 2 (as in a real launch); with
+    the ``slice_gradient="global"`` diagnostic it is that of ∇(Σnll/N) over the whole global batch in those adapters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    for method in ("full", "hdpissa"):
-        run = settings(model_dir, method, steps=1, eval_every=1)
-        proc = launch(run, tmp_path, method)
+    for method, options in (("full", {}), ("hdpissa", {}), ("hdpissa", {"slice_gradient": "global"})):
+        name = method + "_" + options.get("slice_gradient", "local")
+        run = settings(model_dir, method, steps=1, eval_every=1, options=options)
+        proc = launch(run, tmp_path, name)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        recorded = json.loads((tmp_path / "out" / f"{method}.json").read_text())["grad_norms"]
+        recorded = json.loads((tmp_path / "out" / f"{name}.json").read_text())["grad_norms"]
         micro = first_batch(run, tok)
         n_total = sum(sum(1 for y in labels[1:] if y != -100) for part in micro for _, labels in part)
         if method == "full":
@@ -91,10 +93,15 @@ def test_gradients_are_ddps_average_for_the_baselines_and_each_devices_own_for_h
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
                 inject_hdpissa(model, HDPiSSAConfig(r=2, lora_alpha=2.0, target_modules="all-linear",
                                                     sync_check_steps=0), rank=k, world_size=2, show_progress=False)
-                nll = sum(row_nll(model, ids, labels)[0] for ids, labels in micro[k])
-                (2 * nll / n_total).backward()
+                if options:  # every row of the global batch, DDP's normalisation
+                    (sum(row_nll(model, ids, labels)[0] for part in micro for ids, labels in part) / n_total).backward()
+                else:
+                    nll = sum(row_nll(model, ids, labels)[0] for ids, labels in micro[k])
+                    (2 * nll / n_total).backward()
                 expected.append(grad_norm([p for p in model.parameters() if p.requires_grad]))
-        assert recorded == pytest.approx(expected, rel=2e-4, abs=2e-5), method
+        assert recorded == pytest.approx(expected, rel=2e-4, abs=2e-5), name
+    with pytest.raises(ValueError, match="slice_gradient must be"):
+        sim_train.train(settings(model_dir, "pissa", options={"slice_gradient": "global"}))
 
 
 @pytest.mark.slow
