@@ -13,12 +13,11 @@ device k's loss is ``K · Σ(token NLL over its rows) / (completion tokens of th
 * HD-PiSSA: :class:`hdpissa_trl.engine.simulate.SimulatedDevices`; device k's gradient comes from its micro-batch only, is clipped
   on its own (as each process of a real run clips its local adapter gradients), and steps device k's own optimizer
   and scheduler; then one fold of the K deltas.
-* HD-PiSSA with ``options["slice_gradient"] = "global"`` (a diagnostic of this simulator, not a trainer option):
-  every device's slice takes its gradient from the WHOLE global batch, ``∇(Σnll/N)`` as DDP would average it, instead
-  of its own micro-batch. It removes the per-slice noise (each slice steps on G rows, not G/K) and keeps everything
-  else; a real run would need a reduce-scatter of all K slices' adapter gradients on top of the fold's gather. It
-  answers one question: how much of HD-PiSSA's gap to PiSSA is the noise of each slice's small batch? It costs K²
-  forward/backward passes per step here (each slice on each micro-batch), K in a real run.
+* HD-PiSSA with ``HDPiSSAConfig(slice_gradient="global")`` (experimental): every device's slice steps on the WHOLE
+  global batch's gradient, ``∇(Σnll/N)`` as DDP would average it, instead of its own micro-batch's
+  (``SimulatedDevices.reduce_slice_gradients``, what a real run's reduce-scatter returns). It removes the per-slice
+  noise (each slice steps on G rows, not G/K) and keeps everything else: it measures how much of HD-PiSSA's gap to
+  PiSSA is the noise of each slice's small batch.
 
 Same schedule for every method (AdamW, cosine with linear warm-up, no weight decay), same data order for a seed, same
 adapted layers (all 210 linears: PEFT's ``all-linear``). Held-out loss on the 100 test rows of each task every
@@ -200,14 +199,11 @@ def train(run: dict) -> dict:
     sets = {t: [encode(tok, r["prompt"], r["completion"], max_length)
                 for r in read_rows(f"{t}_test.jsonl")[:run.get("heldout_limit", 100)]] for t in TASKS}
 
-    options = dict(run.get("options", {}))
-    slice_gradient = options.pop("slice_gradient", "local")  # the simulator's diagnostic, not an HDPiSSAConfig field
-    if slice_gradient not in ("local", "global") or (slice_gradient == "global" and run["method"] != "hdpissa"):
-        raise ValueError(f"slice_gradient must be 'local' or 'global' (HD-PiSSA only), got {slice_gradient!r} for "
-                         f"method {run['method']!r}")
     cfg = HDPiSSAConfig(r=run["r"], lora_alpha=run["alpha"], target_modules="all-linear", sync_check_steps=0,
-                        **options)
+                        **run.get("options", {}))
     method = run["method"]
+    if cfg.slice_gradient != "local" and method != "hdpissa":
+        raise ValueError(f"slice_gradient={cfg.slice_gradient!r} is an HD-PiSSA option, not one of {method!r}")
     if method == "base":  # the untrained model: held-out metrics on every row and math exact match, no training
         final, scored = heldout(model, tok, sets)
         curve = [(0, aggregate(scored, run.get("curve_rows", 40)))]
@@ -261,22 +257,15 @@ def train(run: dict) -> dict:
         # Device k's loss is K·Σnll_k/N (transformers with average_tokens_across_devices). HD-PiSSA steps on that
         # gradient as it is; DDP averages it over the K devices, which is Σ_k ∇(Σnll_k/N): accumulate without the K.
         scale = K if sim is not None else 1
-        if slice_gradient == "global":  # every slice on every micro-batch: ∇(Σ_j nll_j / N) in each device's adapters
-            for k in range(K):
-                with sim.device(k):
-                    for j in range(K):
-                        nll, _ = token_nll_sum(net, micro[j])
-                        (nll / n_total).backward()
-                        if k == 0:  # the forward is the same for every slice (adapters at their initial values)
-                            step_loss += float(nll.detach()) / n_total
-        else:
-            for k in range(K):
-                ctx = sim.device(k) if sim is not None else _nullcontext()
-                with ctx:
-                    nll, _ = token_nll_sum(net, micro[k])
-                    (nll * scale / n_total).backward()
-                step_loss += float(nll.detach()) / n_total
+        for k in range(K):
+            ctx = sim.device(k) if sim is not None else _nullcontext()
+            with ctx:
+                nll, _ = token_nll_sum(net, micro[k])
+                (nll * scale / n_total).backward()
+            step_loss += float(nll.detach()) / n_total
         if sim is not None:
+            if cfg.slice_gradient == "global":  # each slice's gradient summed over the K devices, / K
+                sim.reduce_slice_gradients()
             for k in range(K):
                 n = clip(sim.parameters(k), max_norm)
                 norms.append(n)

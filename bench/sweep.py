@@ -61,7 +61,7 @@ LABELS: dict[str, tuple[str, int, dict]] = {
                                               "subspace_warmup_steps": 5}),
     "hdpissa2_refactor25_wu": ("hdpissa", 2, {"subspace": "refactor", "subspace_steps": 25,
                                               "subspace_warmup_steps": 5}),
-    # A diagnostic of the simulator (smollm2_* studies only): each slice steps on the whole global batch's gradient.
+    # Each slice steps on the whole global batch's gradient (HDPiSSAConfig.slice_gradient, experimental).
     "hdpissa2_globalgrad": ("hdpissa", 2, {"slice_gradient": "global"}),
 }
 LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2": "PEFT PiSSA", "lora2": "PEFT LoRA",
@@ -71,7 +71,7 @@ LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2":
                "hdpissa8": "HD-PiSSA K=8 (simulated)", "hdpissa2_gradient25": "HD-PiSSA K=2, gradient/25",
                "hdpissa2_gradient25_wu": "HD-PiSSA K=2, gradient/25 + warm-up 5",
                "hdpissa2_refactor25_wu": "HD-PiSSA K=2, refactor/25 + warm-up 5",
-               "hdpissa2_globalgrad": "HD-PiSSA K=2, each slice on the global batch (diagnostic)"}
+               "hdpissa2_globalgrad": "HD-PiSSA K=2, slices on the global batch"}
 ADAPTER_GRID_TINY = [1e-3, 3e-3, 1e-2, 3e-2]
 STUDIES: dict[str, dict] = {
     "tiny": dict(

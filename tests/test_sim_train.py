@@ -70,7 +70,7 @@ def test_gradients_are_ddps_average_for_the_baselines_and_each_devices_own_for_h
     """Full FT at K = 2: the pre-clip norm of step 0 is the norm of ∇(Σ nll / N) over the whole global batch, which
     is DDP's average of the two devices' gradients (each device's loss 2·Σnll_k/N). HD-PiSSA: device k's norm is that
     of ∇(2·Σnll_k/N) over its own adapters, computed on a model injected as rank k of 2 (as in a real launch); with
-    the ``slice_gradient="global"`` diagnostic it is that of ∇(Σnll/N) over the whole global batch in those adapters."""
+    ``slice_gradient="global"`` it is that of ∇(Σnll/N) over the whole global batch in those adapters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -100,7 +100,7 @@ def test_gradients_are_ddps_average_for_the_baselines_and_each_devices_own_for_h
                     (2 * nll / n_total).backward()
                 expected.append(grad_norm([p for p in model.parameters() if p.requires_grad]))
         assert recorded == pytest.approx(expected, rel=2e-4, abs=2e-5), name
-    with pytest.raises(ValueError, match="slice_gradient must be"):
+    with pytest.raises(ValueError, match="is an HD-PiSSA option"):
         sim_train.train(settings(model_dir, "pissa", options={"slice_gradient": "global"}))
 
 

@@ -1,6 +1,7 @@
 """K devices simulated in one process (``hdpissa_trl.engine.simulate.SimulatedDevices``) against real K-process gloo
 runs of the same model, data, optimizer and schedule (``tests/workers/subspace_worker.py``): the same W, bit for bit,
-at K = 2 and 4 for the paper's fixed subspace, and at K = 2 for a re-factoring schedule."""
+at K = 2 and 4 for the paper's fixed subspace, and at K = 2 for a re-factoring schedule and for slices that step on
+the global batch's gradient (``slice_gradient="global"``)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from hdpissa_trl.engine.simulate import SimulatedDevices
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "subspace_worker.py")
 
 
-def simulate(K: int, mode: str, every: int, steps: int, lr: float, eps: float) -> tuple[SimulatedDevices, list[bool]]:
+def simulate(K: int, mode: str, every: int, steps: int, lr: float, eps: float,
+             slice_gradient: str = "local") -> tuple[SimulatedDevices, list[bool]]:
     """The worker's loop with K simulated devices: device k trains on ``batch(step, k)`` with its own AdamW."""
     torch.manual_seed(0)
     model = make_model()
     sim = SimulatedDevices(model, HDPiSSAConfig(r=2, lora_alpha=4.0, sync_check_steps=1, subspace=mode,
-                                                subspace_steps=every), K)
+                                                subspace_steps=every, slice_gradient=slice_gradient), K)
     opts = [torch.optim.AdamW(sim.parameters(k), lr=lr, eps=eps, weight_decay=0.0) for k in range(K)]
     changed = []
     for step in range(steps):
@@ -30,6 +32,9 @@ def simulate(K: int, mode: str, every: int, steps: int, lr: float, eps: float) -
             with sim.device(k):
                 ids = batch(step, k)
                 model(input_ids=ids, labels=ids).loss.backward()
+        if slice_gradient == "global":
+            sim.reduce_slice_gradients()
+        for k in range(K):
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
         sim.fold()
@@ -41,17 +46,18 @@ def simulate(K: int, mode: str, every: int, steps: int, lr: float, eps: float) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("K", "mode"), [(2, "fixed"), (4, "fixed"), (2, "refactor")])
-def test_simulated_devices_give_the_real_runs_w_bit_for_bit(tmp_path, K, mode):
+@pytest.mark.parametrize(("K", "mode", "slice_gradient"), [(2, "fixed", "local"), (4, "fixed", "local"),
+                                                           (2, "refactor", "local"), (2, "fixed", "global")])
+def test_simulated_devices_give_the_real_runs_w_bit_for_bit(tmp_path, K, mode, slice_gradient):
     steps, every, lr, eps = 4, 2, 1e-2, 1e-8
     torchrun(WORKER, K, ["--out", str(tmp_path), "--subspace", mode, "--every", str(every), "--steps", str(steps),
-                         "--lr", str(lr), "--eps", str(eps)], OMP_NUM_THREADS="1")
+                         "--lr", str(lr), "--eps", str(eps), "--slice_gradient", slice_gradient], OMP_NUM_THREADS="1")
     real = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert real["world"] == K
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers' setting: same kernels, same reduction order
     try:
-        sim, changed = simulate(K, mode, every, steps, lr, eps)
+        sim, changed = simulate(K, mode, every, steps, lr, eps, slice_gradient)
     finally:
         torch.set_num_threads(threads)
     assert changed == real["changed"]

@@ -28,12 +28,13 @@ def factors(w: torch.Tensor, lo: int, hi: int, s: float) -> tuple[torch.Tensor, 
 
 
 def reference_run(K: int, mode: str, every: int, steps: int, lr: float, eps: float, r: int = 2, alpha: float = 4.0,
-                  pool: int = 2) -> dict[str, torch.Tensor]:
+                  pool: int = 2, global_slices: bool = False) -> dict[str, torch.Tensor]:
     """K devices simulated in one process: per-device grads from dL/dW, a separate AdamW per device, the naive fold
     ``W += s·Σ_k (B_k A_k − B0_k A0_k)``, then the schedule: refactor (new top-K·r of the current W, optimizer state
     dropped), rotate (next window of K·r directions of the initial SVD), gradient (top-K·r singular directions of
     dL/dW summed over the devices at the change step, at the current factors' magnitudes), moving (factors ←
-    adapters)."""
+    adapters). ``global_slices``: every device's slice steps on the mean of the K devices' dL/dW
+    (``slice_gradient="global"``), not its own."""
     s = alpha / r
     model = make_model()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
@@ -50,18 +51,22 @@ def reference_run(K: int, mode: str, every: int, steps: int, lr: float, eps: flo
         p.requires_grad_(False)
     for step in range(1, steps + 1):
         G_sum = {n: torch.zeros_like(W[n]) for n in names}
+        grads = []
         for k in range(K):
             for n in names:
                 W[n].requires_grad_(True)
                 W[n].grad = None
             ids = batch(step - 1, k)
             model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: W[n].grad for n in names})
             for n in names:
-                G = W[n].grad
-                G_sum[n] += G
+                G_sum[n] += W[n].grad
+                W[n].requires_grad_(False)
+        for k in range(K):
+            for n in names:
+                G = G_sum[n] / K if global_slices else grads[k][n]
                 A[n, k].grad = s * B[n, k].detach().t() @ G
                 B[n, k].grad = s * G @ A[n, k].detach().t()
-                W[n].requires_grad_(False)
             opts[k].step()
         with torch.no_grad():
             for n in names:
@@ -128,6 +133,64 @@ def test_two_process_schedule_matches_reference_and_keeps_w_identical(tmp_path, 
     # The schedule matters: the fixed scheme ends elsewhere.
     fixed = reference_run(2, "fixed", every, steps, lr=1e-2, eps=eps)
     assert max((fixed[n] - ref[n]).abs().max().item() for n in ref) > 1e-4
+
+
+@pytest.mark.slow
+def test_two_process_global_slice_gradients_match_reference_and_keep_w_identical(tmp_path):
+    """``slice_gradient="global"``: each device's slice steps on the mean of both devices' gradients (one extra
+    collective per step, before the optimizer), W bit-identical on both ranks and equal to the reference's; the
+    paper's local slices end elsewhere."""
+    steps = 4
+    torchrun(WORKER, 2, ["--out", str(tmp_path), "--subspace", "fixed", "--steps", str(steps),
+                         "--slice_gradient", "global"])
+    recs = [torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in range(2)]
+    for rec in recs:
+        assert rec["world"] == 2 and rec["checks_ok"] == [True] * steps
+        assert rec["fold_collectives"] == [1] * steps and rec["reduces"] == [1] * steps
+    ref = reference_run(2, "fixed", 2, steps, lr=1e-2, eps=1e-8, global_slices=True)
+    local = reference_run(2, "fixed", 2, steps, lr=1e-2, eps=1e-8)
+    W0 = {n: make_model().get_submodule(n).weight.detach() for n in ref}
+    for n, w_ref in ref.items():
+        assert torch.equal(recs[0]["W"][n], recs[1]["W"][n]), f"{n} differs across ranks"
+        moved = (w_ref - W0[n]).abs().max().item()
+        assert moved > 1e-3
+        torch.testing.assert_close(recs[0]["W"][n], w_ref, rtol=0, atol=2e-6 + 2e-4 * moved)
+    assert max((local[n] - ref[n]).abs().max().item() for n in ref) > 1e-4
+
+
+def test_global_slice_gradients_are_every_slices_autograd_gradient():
+    """One layer, K = 3: after two micro-batches' backward, the buffers hold every slice's gradient as autograd gives
+    it to that slice's own adapters (a model injected as rank k, local mode), summed over the micro-batches; the
+    single-process reduce gives this device its own slice of that sum; the sharded engine refuses the option."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10, bias=False))
+    xs = [torch.randn(5, 12) for _ in range(2)]
+    targets = [torch.randn(5, 10) for _ in range(2)]
+    K, r = 3, 2
+
+    def injected(rank: int, mode: str):
+        model = nn.Sequential(nn.Linear(12, 10, bias=False))
+        model.load_state_dict(base.state_dict())
+        engine = inject_hdpissa(model, HDPiSSAConfig(r=r, lora_alpha=4.0, target_modules=["0"], slice_gradient=mode),
+                                rank=rank, world_size=K, show_progress=False)
+        for x, t in zip(xs, targets):
+            ((model(x) - t) ** 2).sum().backward()
+        return engine
+
+    engine = injected(1, "global")
+    layer = engine.layers[0]
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None  # the buffers take the gradients instead
+    gA, gB = (t.clone() for t in layer.slice_grads)
+    for k in range(K):
+        own = injected(k, "local").layers[0]
+        torch.testing.assert_close(gA[k * r:(k + 1) * r], own.lora_A.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gB[:, k * r:(k + 1) * r], own.lora_B.grad, rtol=1e-5, atol=1e-6)
+    engine.reduce_slice_gradients()  # one process: its own slice, / K (the world here is the K of the injection)
+    torch.testing.assert_close(layer.lora_A.grad, gA[r:2 * r] / K)
+    torch.testing.assert_close(layer.lora_B.grad, gB[:, r:2 * r] / K)
+    assert all(float(t.abs().sum()) == 0 for t in layer.slice_grads)  # emptied for the next step
+    with pytest.raises(ValueError, match="slice_gradient must be one of"):
+        HDPiSSAConfig(slice_gradient="batch")
 
 
 def test_moving_with_one_device_is_peft_pissa_step_for_step():
@@ -224,16 +287,19 @@ def test_trainer_restarts_optimizer_state_when_factors_change(tmp_path):
 
 
 def test_recipe_flags_reach_the_config():
-    """`--hdpissa_subspace rotate --hdpissa_subspace_steps 7 --hdpissa_rotate_pool 3` build the matching config."""
+    """`--hdpissa_subspace rotate --hdpissa_subspace_steps 7 --hdpissa_rotate_pool 3 --hdpissa_slice_gradient global`
+    build the matching config."""
     from types import SimpleNamespace
 
     from hdpissa_trl.scripts.recipe import HDPiSSAScriptArguments, hdpissa_config_from_args
 
     model_args = SimpleNamespace(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_target_modules=None)
     cfg = hdpissa_config_from_args(HDPiSSAScriptArguments(hdpissa_subspace="rotate", hdpissa_subspace_steps=7,
-                                                          hdpissa_rotate_pool=3), model_args)
-    assert (cfg.subspace, cfg.subspace_steps, cfg.rotate_pool) == ("rotate", 7, 3)
-    assert hdpissa_config_from_args(HDPiSSAScriptArguments(), model_args).subspace == "fixed"
+                                                          hdpissa_rotate_pool=3, hdpissa_slice_gradient="global"),
+                                   model_args)
+    assert (cfg.subspace, cfg.subspace_steps, cfg.rotate_pool, cfg.slice_gradient) == ("rotate", 7, 3, "global")
+    default = hdpissa_config_from_args(HDPiSSAScriptArguments(), model_args)
+    assert (default.subspace, default.slice_gradient) == ("fixed", "local")
 
 
 def test_schedules_are_refused_with_w_sharded_by_rows():
@@ -246,6 +312,8 @@ def test_schedules_are_refused_with_w_sharded_by_rows():
     for mode in ("rotate", "refactor", "moving"):
         with pytest.raises(ValueError, match=f"subspace='{mode}' is not available with W sharded by rows"):
             ShardedHDPiSSAEngine(model, HDPiSSAConfig(r=2, subspace=mode), 0, 1, show_progress=False)
+    with pytest.raises(ValueError, match="slice_gradient='global' is not available with W sharded by rows"):
+        ShardedHDPiSSAEngine(model, HDPiSSAConfig(r=2, slice_gradient="global"), 0, 1, show_progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

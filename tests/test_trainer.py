@@ -80,6 +80,37 @@ def test_two_process_training_avoids_ddp_traps_and_matches_fold_reference(tiny_m
 
 
 @pytest.mark.slow
+def test_trainer_reduces_slice_gradients_once_per_step_before_clipping(tiny_model_dir, tmp_path):
+    """Two real processes through HDPiSSASFTTrainer with slice_gradient="global" and 2 micro-batches per step: one
+    reduce per optimizer step; device k's slice gets the mean of both devices' slice-k gradients (from their own
+    buffers); the trainer then clips that (max_grad_norm = 1); W is the fold formula's and the same on both ranks."""
+    from workers.trainer_worker import check_w_against_fold_formula
+
+    launch(2, "--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--record_dir", str(tmp_path / "rec"),
+           "--max_steps", "3", "--lr", "1e-2", "--grad_accum", "2", "--slice_gradient", "global")
+    r0, r1 = records(tmp_path / "rec", 2)
+    assert r0["world_size"] == 2 and r0["reduces"] == r1["reduces"] == 3 and r0["folds"] == 3
+    names = list(r0["W"])
+    r = r0["A0_all"][names[0]].shape[0] // 2
+    sq = 0.0
+    for k, rec in enumerate((r0, r1)):
+        for n in names:
+            sl = slice(k * r, (k + 1) * r)
+            want_A = (r0["slice_grads_local"][n][0][sl] + r1["slice_grads_local"][n][0][sl]) / 2
+            want_B = (r0["slice_grads_local"][n][1][:, sl] + r1["slice_grads_local"][n][1][:, sl]) / 2
+            torch.testing.assert_close(rec["slice_grads_reduced"][n][0], want_A)
+            torch.testing.assert_close(rec["slice_grads_reduced"][n][1], want_B)
+            if k == 0:
+                sq += float(want_A.square().sum() + want_B.square().sum())
+    # The local buffers differ across devices (their own data); the clip acts on the reduced gradient.
+    assert not torch.equal(r0["slice_grads_local"][names[0]][0], r1["slice_grads_local"][names[0]][0])
+    coef = min(1.0, 1.0 / (sq ** 0.5 + 1e-6))
+    for n in names:
+        torch.testing.assert_close(r0["first_grads"][n][0], r0["slice_grads_reduced"][n][0] * coef)
+    check_w_against_fold_formula(r0, r1, steps=3)
+
+
+@pytest.mark.slow
 def test_resume_is_exact_two_processes(tiny_model_dir, tmp_path):
     common = ["--model", tiny_model_dir, "--lr", "1e-2"]
     launch(2, *common, "--output_dir", str(tmp_path / "straight"), "--record_dir", str(tmp_path / "rs"),

@@ -8,6 +8,7 @@ INIT_METHODS = ("svd", "randomized")
 PRECISION_MODES = ("fp32", "bf16_kahan", "bf16_sr", "model")
 FOLD_MATMUL = ("auto", "ieee", "tf32")
 ON_MISMATCH = ("raise", "resync")
+SLICE_GRADIENTS = ("local", "global")
 # Fields that change how a run is carried out, not what it computes: a resume may change them; any other field of
 # the checkpoint's config must match (see HDPiSSAEngine.load_state_dict).
 OPERATIONAL_FIELDS = ("bucket_size_mb", "sync_check_steps", "on_sync_mismatch", "shard_init", "sharded_comm",
@@ -62,6 +63,9 @@ class HDPiSSAConfig:
             rotate_pool: rotate cycles through the top ``rotate_pool·K·r`` initial singular directions.
             subspace_warmup_steps: after each change of the factors the adapters' learning rate ramps up linearly
                 over this many optimizer steps (0: none).
+            slice_gradient: ``"local"`` (the paper: each device's slice steps on its own micro-batches' gradient) or
+                EXPERIMENTAL ``"global"`` (each slice steps on the whole global batch's gradient: one reduce-scatter
+                of every slice's adapter gradients per step, before clipping).
     """
 
     r: int = field(default=16, metadata={"help": "Adapter rank per device. K devices own K·r principal directions."})
@@ -140,6 +144,16 @@ class HDPiSSAConfig:
                           "moments otherwise make the first steps sign-like at the full rate. 0 disables."},
     )
 
+    slice_gradient: str = field(
+        default="local",
+        metadata={"help": "Which examples each device's slice steps on: 'local' (the paper: its own device's "
+                          "micro-batches, so a slice sees 1/K of the global batch) or EXPERIMENTAL 'global' (the whole "
+                          "global batch: every device also computes the other slices' adapter gradients on its data, "
+                          "and one reduce-scatter per step before clipping gives each slice their sum). 'global' adds "
+                          "a collective of the fold's size and K·r-rank gradient buffers per layer; each device's "
+                          "optimizer state stays rank r. Not with W sharded by rows (FSDP2)."},
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"HDPiSSAConfig.r must be a positive integer, got {self.r!r}.")
@@ -165,6 +179,9 @@ class HDPiSSAConfig:
             raise ValueError(
                 f"HDPiSSAConfig.on_sync_mismatch must be one of {ON_MISMATCH}, got {self.on_sync_mismatch!r}."
             )
+        if self.slice_gradient not in SLICE_GRADIENTS:
+            raise ValueError(f"HDPiSSAConfig.slice_gradient must be one of {SLICE_GRADIENTS}, got "
+                             f"{self.slice_gradient!r}.")
         if self.subspace not in SUBSPACE_MODES:
             raise ValueError(f"HDPiSSAConfig.subspace must be one of {SUBSPACE_MODES}, got {self.subspace!r}.")
         if isinstance(self.subspace_warmup_steps, bool) or not isinstance(self.subspace_warmup_steps, int) \

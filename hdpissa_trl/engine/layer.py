@@ -9,6 +9,11 @@ Only the backward differs from a frozen linear: it also yields the local adapter
 
 with ``δ = dL/dy`` summed over tokens. A custom autograd function computes exactly that: the forward costs the
 base matmul plus one thin ``x A^T`` (saved for grad_B), never a dense ``B@A`` and never a ``1e-16`` trick.
+
+With ``slice_gradient="global"`` the same backward computes every device's slice at once, from ``A0_all`` /
+``B0_all`` (the adapters equal their initial slices until the optimizer step), and adds them to the layer's
+``slice_grads`` buffers instead of returning this device's own: the engine's reduce-scatter turns the K devices'
+buffers into each slice's gradient over the whole global batch.
 """
 
 from __future__ import annotations
@@ -33,15 +38,19 @@ class _HDPiSSALinearFn(torch.autograd.Function):
     """``y = x W^T + b`` whose backward also returns the HD-PiSSA adapter gradients."""
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale, grad_capture=None):
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, scale, grad_capture=None, slice_grads=None):
         y = F.linear(x, weight, bias)  # under autocast this runs in the autocast dtype, like a plain Linear
-        # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B.
+        # x A^T in the adapter dtype (fp32), outside autocast: small (tokens × r), needed for grad_B. With
+        # slice_grads = (gA_all, gB_all, A0_all, B0_all): every slice's x A0_k^T (tokens × K·r) and B0_all instead.
+        if slice_grads is not None:
+            lora_A, lora_B = slice_grads[2], slice_grads[3]
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = x_adapter.to(lora_A.dtype) @ lora_A.t()
         ctx.save_for_backward(x_adapter, xa, weight, lora_A, lora_B)
         ctx.scale = scale
         ctx.x_dtype = x.dtype
         ctx.grad_capture = grad_capture
+        ctx.slice_grads = slice_grads
         return y
 
     @staticmethod
@@ -53,18 +62,22 @@ class _HDPiSSALinearFn(torch.autograd.Function):
             # Base path only: the adapter contributes nothing to dL/dx.
             grad_x = (grad_y @ weight.to(grad_y.dtype)).to(ctx.x_dtype)
         d = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype)  # (T, m)
-        capture = ctx.grad_capture
+        capture, every = ctx.grad_capture, ctx.slice_grads
         if ctx.needs_input_grad[4] or capture is not None:
             xin = x_adapter.reshape(-1, x_adapter.shape[-1]).to(lora_A.dtype)  # (T, n)
-        if ctx.needs_input_grad[4]:
-            grad_A = (d @ lora_B).t() @ xin
-            grad_A.mul_(s)
-        if ctx.needs_input_grad[5]:
-            grad_B = d.t() @ xa.reshape(-1, xa.shape[-1])
-            grad_B.mul_(s)
+        if every is not None:  # slice_gradient="global": all K slices (lora_A/B are A0_all/B0_all here), accumulated
+            every[0].addmm_((d @ lora_B).t(), xin, alpha=s)
+            every[1].addmm_(d.t(), xa.reshape(-1, xa.shape[-1]), alpha=s)
+        else:
+            if ctx.needs_input_grad[4]:
+                grad_A = (d @ lora_B).t() @ xin
+                grad_A.mul_(s)
+            if ctx.needs_input_grad[5]:
+                grad_B = d.t() @ xa.reshape(-1, xa.shape[-1])
+                grad_B.mul_(s)
         if capture is not None:  # subspace="gradient": dL/dW of this step, accumulated (m × n, fp32)
             capture.addmm_(d.t(), xin)
-        return grad_x, None, None, None, grad_A, grad_B, None, None
+        return grad_x, None, None, None, grad_A, grad_B, None, None, None
 
 
 class HDPiSSALinear(nn.Module):
@@ -96,6 +109,8 @@ class HDPiSSALinear(nn.Module):
                                                    device=base_layer.weight.device))
         # subspace="gradient" sets an (m × n) fp32 buffer here for the steps whose full gradient of W it needs.
         self.grad_capture: torch.Tensor | None = None
+        # slice_gradient="global": (K·r × n, m × K·r) fp32 buffers the backward adds every slice's gradient to.
+        self.slice_grads: tuple[torch.Tensor, torch.Tensor] | None = None
         base_layer.weight.requires_grad_(False)
         if base_layer.bias is not None:
             base_layer.bias.requires_grad_(False)
@@ -149,8 +164,9 @@ class HDPiSSALinear(nn.Module):
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         x_drop = self.lora_dropout(x) if dropout else x
         if train_adapter:
+            every = None if self.slice_grads is None else (*self.slice_grads, self.A0_all, self.B0_all)
             y = _HDPiSSALinearFn.apply(x, x_drop.detach(), self.base_layer.weight, self.base_layer.bias,
-                                       self.lora_A, self.lora_B, self.scale, self.grad_capture)
+                                       self.lora_A, self.lora_B, self.scale, self.grad_capture, every)
         else:
             y = self.base_layer(x)  # inference / frozen: exactly the base layer
         if dropout:

@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import OPERATIONAL_FIELDS, HDPiSSAConfig
 from .consistency import check_weights_consistent, weight_checksums
-from .distributed import world_and_rank
+from .distributed import is_distributed, world_and_rank
 from .fold import FoldStats, fold_deltas, update_rank_bound
 from .init import init_factors_per_layer
 from .layer import HDPiSSALinear, plain_key
@@ -162,6 +163,9 @@ class HDPiSSAEngine:
         self.subspace = SubspaceSchedule(self, config.subspace, config.subspace_steps, config.rotate_pool,
                                          config.subspace_warmup_steps)
         self.factors_changed = False  # True right after a fold that replaced the factors (restart their optimizer)
+        if config.slice_gradient == "global":  # every slice's gradient on this device's data, summed over micro-batches
+            for layer in self.layers:
+                layer.slice_grads = (torch.zeros_like(layer.A0_all), torch.zeros_like(layer.B0_all))
         # W must already be identical everywhere (same checkpoint, same seed): check once before any work.
         self.check_consistency(step=0, on_mismatch="raise")
 
@@ -207,6 +211,19 @@ class HDPiSSAEngine:
                     group["lr"] = saved.pop(id(group))
 
         return optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
+
+    @property
+    def global_slice_gradients(self) -> bool:
+        return self.config.slice_gradient == "global"
+
+    @torch.no_grad()
+    def reduce_slice_gradients(self) -> int:
+        """``slice_gradient="global"``: after the last backward of a step and before clipping, give every device its
+        own slice's gradient summed over ALL devices' data (divided by K, as DDP averages), in ``lora_A.grad`` /
+        ``lora_B.grad``; empty the buffers for the next step. One reduce-scatter (an all-reduce on gloo, which has no
+        reduce-scatter) of every slice's ``[dA | dB]`` over every layer. Every rank must call. Returns the size of
+        that buffer in bytes (K times the fold's local delta buffer)."""
+        return reduce_slice_gradients(self.layers, self.world_size, self.rank, self.group)
 
     def fold(self) -> FoldStats:
         """Gather every device's deltas (one collective), fold into ``W``, reset adapters; every rank must call.
@@ -329,6 +346,54 @@ class HDPiSSAEngine:
             self.model.to(dtype)
         self.layers, self.names, self.updaters = [], [], []
         return self.model
+
+
+def slice_gradient_buffer(layers: list[HDPiSSALinear], world_size: int, grads=None) -> torch.Tensor:
+    """Every layer's ``slice_grads`` (or ``grads``, one pair per layer) flattened slice-major: chunk ``k`` holds slice
+    ``k``'s ``[dA | dB]`` of every layer in layer order (the K chunks are equally long: every slice of a layer has the
+    same r)."""
+    pairs = grads if grads is not None else [layer.slice_grads for layer in layers]
+    parts = []
+    for k in range(world_size):
+        for layer, (gA, gB) in zip(layers, pairs):
+            sl = slice(k * layer.r, (k + 1) * layer.r)
+            parts.append(gA[sl].reshape(-1))
+            parts.append(gB[:, sl].reshape(-1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def install_slice_gradients(layers: list[HDPiSSALinear], own: torch.Tensor, params=None) -> None:
+    """Split one slice's flat ``[dA | dB]`` chunk into the layers' adapter ``.grad`` (``params``: the (A, B) pairs to
+    fill, default each layer's own ``lora_A`` / ``lora_B``)."""
+    pairs = params if params is not None else [(layer.lora_A, layer.lora_B) for layer in layers]
+    offset = 0
+    for (A, B) in pairs:
+        for p in (A, B):
+            p.grad = own[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+    if offset != own.numel():
+        raise RuntimeError(f"slice gradient chunk has {own.numel()} values, the adapters {offset}")
+
+
+def reduce_slice_gradients(layers: list[HDPiSSALinear], world_size: int, rank: int, group=None) -> int:
+    """See :meth:`HDPiSSAEngine.reduce_slice_gradients`."""
+    flat = slice_gradient_buffer(layers, world_size)
+    chunk = flat.numel() // world_size
+    if is_distributed() and world_size > 1:
+        if dist.get_backend(group) == "nccl":
+            own = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+            dist.reduce_scatter_tensor(own, flat, group=group)
+        else:
+            dist.all_reduce(flat, group=group)
+            own = flat[rank * chunk:(rank + 1) * chunk]
+    else:
+        own = flat[rank * chunk:(rank + 1) * chunk]
+    install_slice_gradients(layers, own / world_size)
+    for layer in layers:
+        layer.slice_grads[0].zero_()
+        layer.slice_grads[1].zero_()
+    return flat.numel() * flat.element_size()
 
 
 def check_resume_config(meta: dict, config: HDPiSSAConfig) -> None:

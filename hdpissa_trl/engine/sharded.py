@@ -403,6 +403,9 @@ class ShardedHDPiSSAEngine(HDPiSSAEngine):
         if config.subspace != "fixed":
             raise ValueError(f"HDPiSSAConfig.subspace={config.subspace!r} is not available with W sharded by rows "
                              f"(FSDP2) yet: use subspace='fixed', or the replicated engine (a DDP launch).")
+        if config.slice_gradient != "local":
+            raise ValueError(f"HDPiSSAConfig.slice_gradient={config.slice_gradient!r} is not available with W sharded "
+                             f"by rows (FSDP2): use slice_gradient='local', or the replicated engine (a DDP launch).")
         if group is None:
             targets = find_target_modules(model, config)
             sharded = [mod.weight for _, mod in targets if is_row_sharded(mod.weight)]

@@ -48,6 +48,13 @@ class SimulatedDevices:
               nn.Parameter(layer.B0_all[:, k * layer.r:(k + 1) * layer.r].clone())) for layer in layers]
             for k in range(world_size)
         ]
+        # slice_gradient="global": each device's own (all-slices) gradient buffers, summed in rank order by the reduce
+        # as a real run's all-reduce sums the devices' buffers.
+        self.slice_grads = None
+        if layers and layers[0].slice_grads is not None:
+            self.slice_grads = [[layer.slice_grads for layer in layers]] + [
+                [(torch.zeros_like(layer.A0_all), torch.zeros_like(layer.B0_all)) for layer in layers]
+                for _ in range(1, world_size)]
         self._current: int | None = None
         self._install(0)
 
@@ -64,9 +71,11 @@ class SimulatedDevices:
         return [p for pair in self.adapters[k] for p in pair]
 
     def _install(self, k: int) -> None:
-        for layer, (A, B) in zip(self.engine.layers, self.adapters[k]):
+        for i, (layer, (A, B)) in enumerate(zip(self.engine.layers, self.adapters[k])):
             layer.rank = k
             layer.lora_A, layer.lora_B = A, B  # nn.Module.__setattr__ registers the Parameters
+            if self.slice_grads is not None:
+                layer.slice_grads = self.slice_grads[k][i]
         self._current = k
 
     @contextlib.contextmanager
@@ -101,6 +110,28 @@ class SimulatedDevices:
                 sl = slice(k * layer.r, (k + 1) * layer.r)
                 A.copy_(layer.A0_all[sl])
                 B.copy_(layer.B0_all[:, sl])
+
+    @torch.no_grad()
+    def reduce_slice_gradients(self) -> None:
+        """``slice_gradient="global"``: after every device's backward of the step, each device's adapters get its
+        slice's gradient summed over all devices (in rank order) and divided by K: what the reduce of a real run
+        returns; every device's buffers are emptied."""
+        from .model import install_slice_gradients, slice_gradient_buffer
+
+        if self.slice_grads is None:
+            raise RuntimeError("reduce_slice_gradients needs HDPiSSAConfig(slice_gradient='global').")
+        layers = self.engine.layers
+        flat = slice_gradient_buffer(layers, self.world_size, self.slice_grads[0])
+        for k in range(1, self.world_size):
+            flat += slice_gradient_buffer(layers, self.world_size, self.slice_grads[k])
+        chunk = flat.numel() // self.world_size
+        for k in range(self.world_size):
+            install_slice_gradients(layers, flat[k * chunk:(k + 1) * chunk] / self.world_size,
+                                    params=self.adapters[k])
+        for device in self.slice_grads:
+            for gA, gB in device:
+                gA.zero_()
+                gB.zero_()
 
     @torch.no_grad()
     def fold(self) -> FoldStats:

@@ -101,6 +101,10 @@ class HDPiSSAScriptArguments(ScriptArguments):
     hdpissa_rotate_pool: int = field(default=2, metadata={"help": "rotate: pool of rotate_pool·K·r directions."})
     hdpissa_subspace_warmup_steps: int = field(
         default=0, metadata={"help": "Steps of linear learning-rate warm-up after each change of the subspace."})
+    hdpissa_slice_gradient: str = field(
+        default="local", metadata={"help": "local (the paper: each slice steps on its own device's data) | global "
+                                           "(experimental: on the whole global batch, one more collective per step): "
+                                           "see HDPiSSAConfig.slice_gradient."})
     save_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the saved merged model (float32, bfloat16, ...); default: training."}
     )
@@ -141,7 +145,8 @@ def hdpissa_config_from_args(script_args: HDPiSSAScriptArguments, model_args, se
         on_sync_mismatch=script_args.hdpissa_on_sync_mismatch, bucket_size_mb=script_args.hdpissa_bucket_size_mb,
         sharded_comm=script_args.hdpissa_sharded_comm, subspace=script_args.hdpissa_subspace,
         subspace_steps=script_args.hdpissa_subspace_steps, rotate_pool=script_args.hdpissa_rotate_pool,
-        subspace_warmup_steps=script_args.hdpissa_subspace_warmup_steps, seed=seed,
+        subspace_warmup_steps=script_args.hdpissa_subspace_warmup_steps,
+        slice_gradient=script_args.hdpissa_slice_gradient, seed=seed,
     )
 
 

@@ -245,6 +245,16 @@ class HDPiSSATrainerMixin(CheckpointMixin):
             set_timeout(datetime.timedelta(seconds=self.args.ddp_timeout))
 
     # -- the fold ---------------------------------------------------------------------------------------------
+    def training_step(self, *args, **kwargs):
+        """The parent's step; with ``slice_gradient="global"``, after the last micro-batch's backward of an optimizer
+        step (before the trainer clips), the reduce-scatter that gives each device its slice's global-batch
+        gradient."""
+        loss = super().training_step(*args, **kwargs)
+        engine = getattr(self, "hdpissa_engine", None)
+        if engine is not None and engine.global_slice_gradients and self.accelerator.sync_gradients:
+            engine.reduce_slice_gradients()
+        return loss
+
     def hdpissa_after_optimizer_step(self) -> None:
         """Fold every device's adapter deltas into W right after a real optimizer step; reset the adapters.
 
@@ -305,7 +315,9 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                          "directions owned (K·r)": K * max(ranks), "init": cfg.init_method,
                          "W precision": cfg.precision, "target modules": cfg.target_modules,
                          "subspace schedule": cfg.subspace + ("" if cfg.subspace in ("fixed", "moving") else
-                                                              f" every {cfg.subspace_steps} folds")})
+                                                              f" every {cfg.subspace_steps} folds"),
+                         "slice gradients": "each device's own data (the paper)" if cfg.slice_gradient == "local"
+                         else "the whole global batch (experimental)"})
         elif self.method in ("pissa", "lora"):
             info.update({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target modules": cfg.target_modules})
         info.update({"learning rate": args.learning_rate,

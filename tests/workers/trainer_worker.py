@@ -112,6 +112,26 @@ def setup_record(trainer) -> dict:
     return record
 
 
+def record_slice_reduces(eng, record: dict) -> None:
+    """``slice_gradient="global"``: count the engine's reduces and keep the first one's input (this device's
+    all-slices buffers) and output (its adapters' gradients), before the trainer clips them."""
+    record["reduces"] = 0
+    original = eng.reduce_slice_gradients
+
+    def reduce():
+        if record["reduces"] == 0:
+            record["slice_grads_local"] = {n: tuple(t.clone() for t in lyr.slice_grads)
+                                           for n, lyr in zip(eng.names, eng.layers)}
+        out = original()
+        if record["reduces"] == 0:
+            record["slice_grads_reduced"] = {n: (lyr.lora_A.grad.clone(), lyr.lora_B.grad.clone())
+                                             for n, lyr in zip(eng.names, eng.layers)}
+        record["reduces"] += 1
+        return out
+
+    eng.reduce_slice_gradients = reduce
+
+
 def check_w_against_fold_formula(r0: dict, r1: dict, steps: int) -> None:
     """Both ranks hold the same W, and it equals the fold formula applied by hand (float64) to what each device's
     optimizer produced at every step: ``W = W_start + s·Σ_steps Σ_k (B_k A_k − B0_k A0_k)``."""
@@ -241,6 +261,7 @@ def main() -> None:
     ap.add_argument("--grad_scaler", action="store_true", help="an fp16-style GradScaler (CPU), as on a GPU")
     ap.add_argument("--save_on_each_node", action="store_true")
     ap.add_argument("--save_total_limit", type=int, default=None)
+    ap.add_argument("--slice_gradient", default="local")
     args = ap.parse_args()
 
     cfg = SFTConfig(
@@ -257,7 +278,8 @@ def main() -> None:
         print(cfg)  # what a script that echoes its configuration prints
     trainer = HDPiSSASFTTrainer(model=args.model, args=cfg, train_dataset=make_dataset(fmt=args.fmt),
                                 hdpissa_config=HDPiSSAConfig(r=2, lora_alpha=4, sync_check_steps=2,
-                                                              on_sync_mismatch=args.on_sync_mismatch),
+                                                              on_sync_mismatch=args.on_sync_mismatch,
+                                                              slice_gradient=args.slice_gradient),
                                 method=args.method)
     rec = Recorder(trainer)
     trainer.callback_handler.callbacks.insert(0, rec)
@@ -274,6 +296,8 @@ def main() -> None:
     rank = trainer.accelerator.process_index
     eng = trainer.hdpissa_engine
     record = setup_record(trainer)
+    if eng is not None and eng.global_slice_gradients:
+        record_slice_reduces(eng, record)
     trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
     # The model object trained is never a DDP wrapper.
     record["wrapped_type"] = type(trainer.model_wrapped).__name__
