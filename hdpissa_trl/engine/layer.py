@@ -63,7 +63,7 @@ class _HDPiSSALinearFn(torch.autograd.Function):
             grad_x = (grad_y @ weight.to(grad_y.dtype)).to(ctx.x_dtype)
         d = grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype)  # (T, m)
         capture, every = ctx.grad_capture, ctx.slice_grads
-        if ctx.needs_input_grad[4] or capture is not None:
+        if ctx.needs_input_grad[4] or capture is not None or every is not None:
             xin = x_adapter.reshape(-1, x_adapter.shape[-1]).to(lora_A.dtype)  # (T, n)
         if every is not None:  # slice_gradient="global": all K slices (lora_A/B are A0_all/B0_all here), accumulated
             every[0].addmm_((d @ lora_B).t(), xin, alpha=s)
