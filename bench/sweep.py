@@ -371,7 +371,8 @@ def selection_seeds(records: list[dict]) -> list[int] | None:
 def best_lrs(records: list[dict], select_seeds: list[int] | None = None) -> dict[tuple[str, str], dict]:
     """Per (task, label): the learning rate with the lowest mean held-out loss over seeds, and the grid it beat.
 
-    A study with ``select_seeds`` chooses the rate on those seeds only (its other seeds run at the chosen rate)."""
+    A study with ``select_seeds`` chooses the rate on those seeds only (its other seeds run at the chosen rate); a label
+    with no run on those seeds yet has no rate chosen and is left out."""
     if select_seeds is None:
         select_seeds = selection_seeds(records)
     out = {}
@@ -380,6 +381,8 @@ def best_lrs(records: list[dict], select_seeds: list[int] | None = None) -> dict
         for r in records:
             if (r["task"], r["label"]) == (task, label) and (select_seeds is None or r["seed"] in select_seeds):
                 by_lr.setdefault(r["lr"], []).append(r["heldout"][PRIMARY])
+        if not by_lr:
+            continue
         means = {lr: sum(v) / len(v) for lr, v in by_lr.items()}
         best = min(means, key=means.get)
         lrs = sorted(means)
@@ -441,6 +444,12 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                      + (f", math exact match of generated answers {h['math_em']:.2f}" if "math_em" in h else "") + ".")
         summary["base"] = h
     best = best_lrs(records)
+    pending = sorted({f"{r['label']} (lr {r['lr']:g}, seed {r['seed']})" for r in records
+                      if (r["task"], r["label"]) not in best})
+    if pending:  # no run on the rate-choosing seeds yet: no rate chosen, so no row in the tables below
+        lines.append(f"\nNot in the tables until a rate-choosing seed of theirs has run: {', '.join(pending)}.")
+        summary["pending"] = pending
+        records = [r for r in records if (r["task"], r["label"]) in best]
     for task in sorted({r["task"] for r in records}):
         recs = [r for r in records if r["task"] == task]
         labels = _label_order({r["label"] for r in recs})
@@ -641,6 +650,7 @@ def plot_study(name: str, records: list[dict], figures_dir: str | None = None) -
     if not tasks:
         return None
     best = best_lrs(records)
+    records = [r for r in records if (r["task"], r["label"]) in best]
     ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"]
                  if k.startswith("outside_k") and not k.endswith("_layers")})
     fig = new_figure(figsize=(5.2 * (1 + len(ks)), 3.6 * len(tasks)), layout="constrained")

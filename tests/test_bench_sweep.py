@@ -66,6 +66,18 @@ def test_decision_is_marked_provisional_until_every_decision_seed_has_run():
     assert decision["hdpissa2"]["beaten_by"] == ["pissa2"]
 
 
+def test_a_label_without_a_rate_choosing_run_is_listed_not_tabled():
+    """smollm2_100 chooses rates on seed 0: a label that ran only on seed 1 has no rate yet; the summary names it and
+    leaves it out of the tables instead of failing."""
+    recs = [dict(_rec("pissa2", 5e-4, s, v), study="smollm2_100") for s, v in [(0, 0.20), (1, 0.19)]]
+    recs.append(dict(_rec("hdpissa2_globalgrad", 5e-4, 1, 0.18), study="smollm2_100"))
+    assert list(sweep.best_lrs(recs)) == [("t", "pissa2")]
+    md, summary = sweep.summarize_study("smollm2_100", recs, references=["pissa2"])
+    assert summary["pending"] == ["hdpissa2_globalgrad (lr 0.0005, seed 1)"]
+    assert "Not in the tables until a rate-choosing seed of theirs has run: hdpissa2_globalgrad" in md
+    assert "slices on the global batch" not in md  # no row for it
+
+
 def test_run_files_are_atomic_and_listed(tmp_path):
     rid = run_id("t", "pissa2", 2, 2.0, 1e-3, 5, 0)
     assert rid == "t__pissa2__r2_a2__lr0.001__steps5__s0"
