@@ -390,10 +390,15 @@ def reduce_slice_gradients(layers: list[HDPiSSALinear], world_size: int, rank: i
     else:
         own = flat[rank * chunk:(rank + 1) * chunk]
     install_slice_gradients(layers, own / world_size)
-    for layer in layers:
-        layer.slice_grads[0].zero_()
-        layer.slice_grads[1].zero_()
+    zero_slice_gradients([layer.slice_grads for layer in layers])
     return flat.numel() * flat.element_size()
+
+
+def zero_slice_gradients(pairs) -> None:
+    """Empty the ``(dA_all, dB_all)`` buffers for the next step (in place: the layers keep pointing at them)."""
+    for gA, gB in pairs:
+        gA.zero_()
+        gB.zero_()
 
 
 def check_resume_config(meta: dict, config: HDPiSSAConfig) -> None:

@@ -116,7 +116,7 @@ class SimulatedDevices:
         """``slice_gradient="global"``: after every device's backward of the step, each device's adapters get its
         slice's gradient summed over all devices (in rank order) and divided by K: what the reduce of a real run
         returns; every device's buffers are emptied."""
-        from .model import install_slice_gradients, slice_gradient_buffer
+        from .model import install_slice_gradients, slice_gradient_buffer, zero_slice_gradients
 
         if self.slice_grads is None:
             raise RuntimeError("reduce_slice_gradients needs HDPiSSAConfig(slice_gradient='global').")
@@ -129,9 +129,7 @@ class SimulatedDevices:
             install_slice_gradients(layers, flat[k * chunk:(k + 1) * chunk] / self.world_size,
                                     params=self.adapters[k])
         for device in self.slice_grads:
-            for gA, gB in device:
-                gA.zero_()
-                gB.zero_()
+            zero_slice_gradients(device)
 
     @torch.no_grad()
     def fold(self) -> FoldStats:
