@@ -39,6 +39,7 @@ PRESETS: dict[str, dict] = {
 
 METHOD_LABELS = {
     "hdpissa": "HD-PiSSA (ours)",
+    "hdpissa_global": "HD-PiSSA, global slice grads",
     "lora": "PEFT LoRA",
     "pissa": "PEFT PiSSA",
     "full": "full fine-tuning",
@@ -297,7 +298,10 @@ def data_parallel_model(name: str, model, cfg):
 def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: int = 0, distributed: bool = False,
                  init_method: str = "svd", n_iter: int = 4, precision: str = "fp32", use_ddp: bool = True,
                  target_modules="all-linear", hdpissa_options: dict | None = None) -> MethodSetup:
-    """Prepare ``model`` (in place) for method ``name`` in {hdpissa, lora, pissa, full, official}.
+    """Prepare ``model`` (in place) for method ``name`` in {hdpissa, hdpissa_global, lora, pissa, full, official}.
+
+    ``hdpissa_global`` is HD-PiSSA with ``slice_gradient="global"``: its reduce of every slice's gradient runs as
+    ``after_backward`` (before the optimizer step, where the trainer runs it).
 
     Data-parallel baselines (lora, pissa, full) are wrapped in ``DistributedDataParallel`` when ``distributed`` and
     ``use_ddp`` (what a user of ``transformers.Trainer`` gets); HD-PiSSA and the official-style step never are.
@@ -306,11 +310,13 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
 
     cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
                         n_iter=n_iter, precision=precision, sync_check_steps=0, **(hdpissa_options or {}))
-    if name == "hdpissa":
+    if name == "hdpissa_global":
+        cfg.slice_gradient = "global"
+    if name in ("hdpissa", "hdpissa_global"):
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
-
+        reduce = engine.reduce_slice_gradients if engine.global_slice_gradients else None
         return MethodSetup(name, model, engine.adapter_parameters(), after_step=lambda: engine.fold().to_dict(),
-                           engine=engine)
+                           after_backward=reduce, engine=engine)
     if name == "official":
         from bench.official_style import inject_official_style
 
@@ -379,7 +385,7 @@ class CollectiveTap:
 def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:
     """The effective (merged) weight of every block linear, fp32, keyed by the plain model's module name."""
     out: dict[str, torch.Tensor] = {}
-    if setup.name == "hdpissa":
+    if setup.name in ("hdpissa", "hdpissa_global"):
         eng = setup.engine
         for name, layer, upd in zip(eng.names, eng.layers, eng.updaters):
             out[name] = upd.full_precision_weight(layer.base_layer.weight).detach().float().clone()

@@ -29,6 +29,8 @@ from bench import _common as common
 from hdpissa_trl.engine.distributed import world_and_rank
 
 ALL_METHODS = ("hdpissa", "lora", "pissa", "full", "official")
+# Not in the default set (its tables predate it): HD-PiSSA with slice_gradient="global" (--methods ...,hdpissa_global).
+OPTIONAL_METHODS = ("hdpissa_global",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIME_KEYS = ("step", "fwd_bwd", "opt_fold", "fold", "gather", "wait")
 
@@ -120,8 +122,11 @@ def accounted_memory(setup, opt, sample: torch.Tensor) -> dict:
     optim = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.dim() > 0)
     extra = 0
-    if setup.name == "hdpissa":
+    if setup.name in ("hdpissa", "hdpissa_global"):
         extra = sum(t.numel() * t.element_size() for u in setup.engine.updaters for t in u.state().values())
+        # slice_gradient="global": the every-slice gradient buffers are gradient memory
+        grads += sum(t.numel() * t.element_size() for layer in setup.engine.layers
+                     for t in (getattr(layer, "slice_grads", None) or ()))
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -203,7 +208,7 @@ def summarize(records: dict, accum: int, paper_accum: int) -> dict:
             ratios["hdpissa_over_lora_fwd_bwd"] = h["fwd_bwd"] / lo["fwd_bwd"]
             ratios["hdpissa_over_lora_step_at_paper_accum"] = (paper_accum * micro_h + h["opt_fold"]) / (
                 paper_accum * lo["fwd_bwd"] / accum + lo["opt_fold"])
-        for other in ("official", "full", "pissa"):
+        for other in ("official", "full", "pissa", "hdpissa_global"):
             if other in summary:
                 ratios[f"{other}_over_hdpissa_step"] = summary[other]["step"] / h["step"]
         if "official" in summary:

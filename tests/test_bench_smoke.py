@@ -52,6 +52,27 @@ def test_step_speed_measures_every_method_in_one_process():
     assert 0 < s["ratios"]["hdpissa_fold_fraction_at_paper_accum"] < s["ratios"]["hdpissa_fold_fraction_measured"]
 
 
+def test_step_speed_global_slice_gradients_step_like_local_on_one_device():
+    """``hdpissa_global`` runs the slice-gradient reduce before the optimizer (``after_backward``): on one device the
+    reduce hands slice 0 its own gradient, so one step gives the same W as plain HD-PiSSA; its every-slice buffers
+    count as gradient memory."""
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    weights, setups = {}, {}
+    for name in ("hdpissa", "hdpissa_global"):
+        setup = setup_method(name, build_llama("tiny", seed=0), r=2, alpha=4.0)
+        assert (setup.after_backward is not None) == (name == "hdpissa_global")
+        res = step_speed.train_step(setup, torch.optim.SGD(setup.params, lr=0.5), [ids], "cpu")
+        assert res["step"] >= res["fwd_bwd"] > 0
+        weights[name], setups[name] = linear_weights(setup), setup
+    w0 = linear_weights(setup_method("full", build_llama("tiny", seed=0), r=2, alpha=4.0))
+    for key, w in weights["hdpissa"].items():
+        assert (w - w0[key]).abs().max() > 0
+        torch.testing.assert_close(weights["hdpissa_global"][key], w, rtol=1e-5, atol=1e-7)
+    mem = {name: step_speed.accounted_memory(s, torch.optim.SGD(s.params, lr=0.1), ids) for name, s in setups.items()}
+    buffers = sum(t.numel() * 4 for layer in setups["hdpissa_global"].engine.layers for t in layer.slice_grads)
+    assert mem["hdpissa_global"]["grads"] == mem["hdpissa"]["grads"] + buffers > mem["hdpissa"]["grads"]
+
+
 def test_official_style_step_equals_hdpissa_step():
     """The comparison is apples to apples: same gradients (after the 1e16 rescale) and the same folded W."""
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
