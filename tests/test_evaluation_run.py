@@ -15,20 +15,10 @@ import torch
 from evaluation import EvalConfig, evaluate_model, save_report
 from evaluation.data import DatasetUnavailableError
 from evaluation.generation import _StopOnStrings, generate
-from hdpissa_trl.testing_utils import build_tiny_model, build_tokenizer
+from hdpissa_trl.testing_utils import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 MATH_ROWS = [{"prompt": f"What is {a} + {b}? Answer:", "answer": str(a + b)} for a, b in [(12, 30), (1, 1)]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_tiny_model("llama", seed=0, tokenizer=tokenizer).eval()
 
 
 @pytest.fixture

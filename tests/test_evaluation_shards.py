@@ -16,21 +16,10 @@ import torch
 
 from evaluation import EvalConfig, evaluate_model, merge_reports, save_report
 from evaluation.generation import batch_plan, generate, vllm_blocker
-from hdpissa_trl.testing_utils import build_tiny_model, build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "recipes", "demo", "data")
 TASKS = [f"math={DEMO}/math_test.jsonl", f"code={DEMO}/code_test.jsonl", f"text={DEMO}/text_test.jsonl"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_tiny_model("llama", seed=0, tokenizer=tokenizer).eval()
 
 
 def without_seconds(report: dict) -> dict:

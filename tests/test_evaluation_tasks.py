@@ -23,7 +23,7 @@ from evaluation.tasks import (
     get_task,
     infer_task_type,
 )
-from hdpissa_trl.testing_utils import build_tiny_model, build_tokenizer
+from hdpissa_trl.testing_utils import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 12 + 30?", "def add(a, b):\n    return", "the quick brown fox jumps over the lazy dog. THE QUICK",
@@ -44,16 +44,6 @@ MC_ROWS = [{"prompt": "The sky is", "choices": [" blue", " the quick brown fox",
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_tiny_model("llama", seed=0, tokenizer=tokenizer).eval()
 
 
 def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

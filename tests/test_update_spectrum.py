@@ -31,7 +31,7 @@ from hdpissa_trl.analysis.update_spectrum import (
     plot_spectrum,
     write_effective_rank_csv,
 )
-from hdpissa_trl.testing_utils import build_tiny_model, build_tokenizer
+from hdpissa_trl.testing_utils import build_tiny_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK3_LAYER = "model.layers.0.self_attn.q_proj.weight"  # 64x64
@@ -69,11 +69,6 @@ def _slow_effective_rank(sv: np.ndarray) -> float:
         if p > 0.0:
             entropy -= p * math.log(p)
     return math.exp(entropy)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
