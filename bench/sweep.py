@@ -562,11 +562,24 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
 def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[int], out: dict,
                     planned: list[int] | None = None) -> list[str]:
     """The decision, on the seeds that chose no rate: arm A beats arm B when A's held-out loss is lower on every such
-    seed and on their mean. One row per arm: whom it beats, who beats it, and its losses on those seeds. While some of
-    the study's ``planned`` decision seeds have not run for every arm, the table is marked provisional."""
-    seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in at_best.values()]) - set(select))
+    seed and on their mean. One row per arm: whom it beats, who beats it, and its losses on those seeds.
+
+    The arms that have run every ``planned`` decision seed are decided among themselves; the others are named below
+    the table as not decided yet. While fewer than two arms have all of them, the table covers the decision seeds
+    every arm has run so far and is marked provisional."""
+    seed_sets = {lab: {r["seed"] for r in at_best[lab]} for lab in labels}
+    decide = list(planned or sorted(set().union(*seed_sets.values()) - set(select)))
+    complete = [lab for lab in labels if decide and set(decide) <= seed_sets[lab]]
+    if len(complete) >= 2:
+        seeds, missing = decide, []
+    else:
+        complete = list(labels)
+        seeds = sorted(set.intersection(*seed_sets.values()) - set(select))
+        missing = sorted(set(planned or []) - set(seeds))
     if not seeds:
         return ["", f"**{task}: decision** — no seed beyond the rate-choosing seed(s) {select} has run for every arm yet."]
+    undecided = [lab for lab in labels if lab not in complete]
+    labels = complete
     val = {lab: {r["seed"]: r["heldout"][PRIMARY] for r in at_best[lab]} for lab in labels}
 
     def beats(a: str, b: str) -> bool:
@@ -590,7 +603,11 @@ def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[in
                                         f"{dec[lab]['mean']:.4f}",
                                         ", ".join(LABEL_NAMES.get(b, b) for b in won) or "—",
                                         ", ".join(LABEL_NAMES.get(b, b) for b in lost) or "—"]) + " |")
-    out["decision"] = {"seeds": seeds, "provisional": bool(missing), **dec}
+    if undecided:
+        lines += ["", "Not decided yet (a decision seed has not run at their chosen rate): " + "; ".join(
+            f"{LABEL_NAMES.get(lab, lab)} (seeds run: {', '.join(map(str, sorted(seed_sets[lab])))})"
+            for lab in undecided) + "."]
+    out["decision"] = {"seeds": seeds, "provisional": bool(missing), "undecided": undecided, **dec}
     return lines
 
 

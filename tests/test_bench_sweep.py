@@ -63,7 +63,14 @@ def test_decision_is_marked_provisional_until_every_decision_seed_has_run():
     assert "**t: decision on seeds 1, 2**" in md and "PROVISIONAL" not in md
     # pissa2 lower on seed 1 (0.19 vs 0.20) and seed 2 (0.18 vs 0.19) and on the mean: it beats HD-PiSSA.
     assert not decision["provisional"] and decision["pissa2"]["beats"] == ["hdpissa2"]
-    assert decision["hdpissa2"]["beaten_by"] == ["pissa2"]
+    assert decision["hdpissa2"]["beaten_by"] == ["pissa2"] and decision["undecided"] == []
+    # An arm still missing a decision seed does not hold the others' decision back: it is named, not tabled.
+    extra = [dict(_rec("lora2", 8e-3, s, v), study="smollm2_100") for s, v in [(0, 0.17), (1, 0.10)]]
+    md, summary = sweep.summarize_study("smollm2_100", recs([0, 1, 2]) + extra, references=["pissa2"])
+    decision = summary["tasks"]["t"]["decision"]
+    assert "**t: decision on seeds 1, 2**" in md and "PROVISIONAL" not in md
+    assert decision["undecided"] == ["lora2"] and "lora2" not in decision and "lora2" not in decision["pissa2"]["beats"]
+    assert "Not decided yet (a decision seed has not run at their chosen rate): PEFT LoRA (seeds run: 0, 1)." in md
 
 
 def test_a_label_without_a_rate_choosing_run_is_listed_not_tabled():
