@@ -149,7 +149,8 @@ class HDPiSSAConfig:
         metadata={"help": "Which examples each device's slice steps on: 'local' (the paper: its own device's "
                           "micro-batches, so a slice sees 1/K of the global batch) or EXPERIMENTAL 'global' (the whole "
                           "global batch: every device also computes the other slices' adapter gradients on its data, "
-                          "and one reduce-scatter per step before clipping gives each slice their sum). 'global' adds "
+                          "and one reduce-scatter per step before clipping gives each slice their mean, as DDP averages). "
+                          "'global' adds "
                           "a collective of the fold's size and K·r-rank gradient buffers per layer; each device's "
                           "optimizer state stays rank r. Not with W sharded by rows (FSDP2)."},
     )
