@@ -63,6 +63,9 @@ LABELS: dict[str, tuple[str, int, dict]] = {
                                               "subspace_warmup_steps": 5}),
     # Each slice steps on the whole global batch's gradient (HDPiSSAConfig.slice_gradient, experimental).
     "hdpissa2_globalgrad": ("hdpissa", 2, {"slice_gradient": "global"}),
+    # The same at K = 4 and 8 (simulated): with global batch 8 a `local` slice sees 2 rows, or 1.
+    "hdpissa4_globalgrad": ("hdpissa", 4, {"slice_gradient": "global"}),
+    "hdpissa8_globalgrad": ("hdpissa", 8, {"slice_gradient": "global"}),
 }
 LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2": "PEFT PiSSA", "lora2": "PEFT LoRA",
                "full2": "full FT", "hdpissa2_refactor": "HD-PiSSA K=2, refactor/50",
@@ -71,7 +74,9 @@ LABEL_NAMES = {"hdpissa2": "HD-PiSSA K=2", "hdpissa4": "HD-PiSSA K=4", "pissa2":
                "hdpissa8": "HD-PiSSA K=8 (simulated)", "hdpissa2_gradient25": "HD-PiSSA K=2, gradient/25",
                "hdpissa2_gradient25_wu": "HD-PiSSA K=2, gradient/25 + warm-up 5",
                "hdpissa2_refactor25_wu": "HD-PiSSA K=2, refactor/25 + warm-up 5",
-               "hdpissa2_globalgrad": "HD-PiSSA K=2, slices on the global batch"}
+               "hdpissa2_globalgrad": "HD-PiSSA K=2, slices on the global batch",
+               "hdpissa4_globalgrad": "HD-PiSSA K=4, slices on the global batch",
+               "hdpissa8_globalgrad": "HD-PiSSA K=8 (simulated), slices on the global batch"}
 ADAPTER_GRID_TINY = [1e-3, 3e-3, 1e-2, 3e-2]
 STUDIES: dict[str, dict] = {
     "tiny": dict(
@@ -107,7 +112,7 @@ STUDIES: dict[str, dict] = {
         kind="smollm2_sim", tasks=["multitask"],
         labels=["pissa2", "hdpissa2", "lora2", "full2", "hdpissa2_refactor25", "hdpissa2_rotate25",
                 "hdpissa2_gradient25", "hdpissa2_refactor25_wu", "hdpissa2_gradient25_wu", "hdpissa4", "hdpissa8",
-                "hdpissa2_globalgrad"],
+                "hdpissa2_globalgrad", "hdpissa4_globalgrad", "hdpissa8_globalgrad"],
         # PiSSA's and HD-PiSSA's grids are centred where seed 0 bracketed both bests (5e-4), below the 20-step
         # study's optima (§5b): a call without --lrs plans the rates that were run, not an unused octave above.
         grid={"hdpissa": [2.5e-4, 5e-4, 1e-3], "pissa": [2.5e-4, 5e-4, 1e-3], "lora": [2e-3, 4e-3, 8e-3],

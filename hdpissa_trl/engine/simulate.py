@@ -115,7 +115,8 @@ class SimulatedDevices:
     def reduce_slice_gradients(self) -> None:
         """``slice_gradient="global"``: after every device's backward of the step, each device's adapters get its
         slice's gradient summed over all devices (in rank order) and divided by K: what the reduce of a real run
-        returns; every device's buffers are emptied."""
+        returns; every device's buffers are emptied. A real run's collective may add the K buffers in another order
+        (gloo's ring does at K > 2), so from K = 3 on the two agree up to float rounding, not bit for bit."""
         from .model import install_slice_gradients, slice_gradient_buffer, zero_slice_gradients
 
         if self.slice_grads is None:
