@@ -308,10 +308,9 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     """
     from hdpissa_trl import HDPiSSAConfig, inject_hdpissa
 
+    options = dict(hdpissa_options or {}, **({"slice_gradient": "global"} if name == "hdpissa_global" else {}))
     cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
-                        n_iter=n_iter, precision=precision, sync_check_steps=0, **(hdpissa_options or {}))
-    if name == "hdpissa_global":
-        cfg.slice_gradient = "global"
+                        n_iter=n_iter, precision=precision, sync_check_steps=0, **options)
     if name in ("hdpissa", "hdpissa_global"):
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
         reduce = engine.reduce_slice_gradients if engine.global_slice_gradients else None

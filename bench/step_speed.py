@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, nargs="+", default=[2, 4], help="process counts K to run (one run each)")
     ap.add_argument("--preset", default="cpu", help="model preset: tiny | cpu | 1b")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help=f"comma-separated, from {', '.join(ALL_METHODS + OPTIONAL_METHODS)} (default: all but "
+                         f"{', '.join(OPTIONAL_METHODS)})")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--batch", type=int, default=4, help="micro-batch size per process")
