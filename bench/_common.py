@@ -37,6 +37,9 @@ PRESETS: dict[str, dict] = {
                num_kv_heads=4),
 }
 
+# The benchmark methods that are HD-PiSSA engines (the paper's slices, and slice_gradient="global").
+HDPISSA_METHODS = ("hdpissa", "hdpissa_global")
+
 METHOD_LABELS = {
     "hdpissa": "HD-PiSSA (ours)",
     "hdpissa_global": "HD-PiSSA, global slice grads",
@@ -311,7 +314,7 @@ def setup_method(name: str, model, r: int, alpha: float, world: int = 1, rank: i
     options = dict(hdpissa_options or {}, **({"slice_gradient": "global"} if name == "hdpissa_global" else {}))
     cfg = HDPiSSAConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_method=init_method,
                         n_iter=n_iter, precision=precision, sync_check_steps=0, **options)
-    if name in ("hdpissa", "hdpissa_global"):
+    if name in HDPISSA_METHODS:
         engine = inject_hdpissa(model, cfg, rank=rank, world_size=world, show_progress=False)
         reduce = engine.reduce_slice_gradients if engine.global_slice_gradients else None
         return MethodSetup(name, model, engine.adapter_parameters(), after_step=lambda: engine.fold().to_dict(),
@@ -384,7 +387,7 @@ class CollectiveTap:
 def linear_weights(setup: MethodSetup) -> dict[str, torch.Tensor]:
     """The effective (merged) weight of every block linear, fp32, keyed by the plain model's module name."""
     out: dict[str, torch.Tensor] = {}
-    if setup.name in ("hdpissa", "hdpissa_global"):
+    if setup.name in HDPISSA_METHODS:
         eng = setup.engine
         for name, layer, upd in zip(eng.names, eng.layers, eng.updaters):
             out[name] = upd.full_precision_weight(layer.base_layer.weight).detach().float().clone()

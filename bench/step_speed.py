@@ -124,11 +124,10 @@ def accounted_memory(setup, opt, sample: torch.Tensor) -> dict:
     optim = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                 if torch.is_tensor(v) and v.dim() > 0)
     extra = 0
-    if setup.name in ("hdpissa", "hdpissa_global"):
+    if setup.name in common.HDPISSA_METHODS:
         extra = sum(t.numel() * t.element_size() for u in setup.engine.updaters for t in u.state().values())
         # slice_gradient="global": the every-slice gradient buffers are gradient memory
-        grads += sum(t.numel() * t.element_size() for layer in setup.engine.layers
-                     for t in (getattr(layer, "slice_grads", None) or ()))
+        grads += sum(t.numel() * t.element_size() for layer in setup.engine.layers for t in (layer.slice_grads or ()))
     saved: dict[int, int] = {}
 
     def pack(t):
