@@ -47,6 +47,43 @@ def random_baseline(m: int, n: int, k: int) -> float:
     return (max(m - k, 0) * max(n - k, 0) / (m * n)) ** 0.5
 
 
+def principal_bases(w0: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every matrix's left and right singular vectors (columns, by decreasing singular value)."""
+    bases = {}
+    for name, w in w0.items():
+        U, _, Vh = torch.linalg.svd(w, full_matrices=False)
+        bases[name] = (U, Vh.t())
+    return bases
+
+
+def projected_gains(w0: dict, deltas: dict, bases: dict, ks: list[int], loss_with, log: bool = False) -> dict:
+    """For each k: the share of every ΔW outside the top-k set (mean / min / max, and the random-matrix expectation
+    beside it) and the loss of ``W0 + ΔW`` projected onto the set, as the share of full ΔW's loss gain it keeps:
+    ``(L(W0) − L(W0 + P_k ΔW)) / (L(W0) − L(W0 + ΔW))``. ``loss_with(weights)`` evaluates a dict of full weights."""
+    L0 = loss_with(w0)
+    Lfull = loss_with({k: w0[k] + deltas[k] for k in w0})
+    if log:
+        print(f"[ceiling] held-out loss: base {L0:.4f}, full FT {Lfull:.4f}", flush=True)
+    res: dict = {"loss_base": L0, "loss_full": Lfull, "sets": {}}
+    for k in ks:
+        outside, baseline, projected = [], [], {}
+        for name, d in deltas.items():
+            U, V = bases[name][0][:, :k], bases[name][1][:, :k]
+            out = project_out(d, U, V)
+            outside.append(float(out.norm() / d.norm().clamp_min(1e-30)))
+            baseline.append(random_baseline(*d.shape, k))
+            projected[name] = w0[name] + (d - out)
+        Lk = loss_with(projected)
+        entry = {"outside_mean": sum(outside) / len(outside), "outside_min": min(outside),
+                 "outside_max": max(outside), "random_baseline_mean": sum(baseline) / len(baseline),
+                 "loss_projected": Lk, "recovered_share": (L0 - Lk) / (L0 - Lfull)}
+        res["sets"][str(k)] = entry
+        if log:
+            print(f"[ceiling] k={k}: outside {entry['outside_mean']:.3f} (random {entry['random_baseline_mean']:.3f}), "
+                  f"loss {Lk:.4f}, recovered {entry['recovered_share']:.1%}", flush=True)
+    return res
+
+
 def svd_cost(shapes: list[tuple[int, int]], k: int | None) -> float:
     """Floating-point work (arbitrary units) of factoring these matrices: ~m·n·min(m, n) for an exact SVD, ~m·n·k for a
     randomized top-k one (a few passes of products with an n×2k sketch)."""
@@ -74,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(".weight") and "_proj." in k}
     full = load_file(os.path.join(args.full_ft, "linears.safetensors"))
+    missing = sorted(set(w0) - set(full))
+    if missing:
+        raise SystemExit(f"{args.full_ft}/linears.safetensors lacks {len(missing)} of the model's {len(w0)} adapted "
+                         f"linears (first: {missing[0]}): is it the final weights of a SmolLM2 full fine-tuning run?")
     deltas = {k: full[k] - w0[k] for k in w0}
     sets = {t: [encode(tok, r["prompt"], r["completion"], 256) for r in read_rows(f"{t}_test.jsonl")[:args.heldout_limit]]
             for t in TASKS}
@@ -85,31 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
         return aggregate({t: score_rows(model, tok, e) for t, e in sets.items()})["eval_loss"]
 
     t0 = time.time()
-    bases = {}
-    for name, w in w0.items():
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        bases[name] = (U, Vh.t())
+    bases = principal_bases(w0)
     print(f"[ceiling] SVD of {len(w0)} matrices: {time.time() - t0:.0f}s", flush=True)
-    res: dict = {"env": info, "layers": len(w0), "ks": args.ks, "sets": {}, "others": {}}
-    L0 = loss_with(w0)
-    Lfull = loss_with({k: w0[k] + deltas[k] for k in w0})
-    res["loss_base"], res["loss_full"] = L0, Lfull
-    print(f"[ceiling] held-out loss: base {L0:.4f}, full FT {Lfull:.4f}", flush=True)
-    for k in args.ks:
-        outside, baseline, projected = [], [], {}
-        for name, d in deltas.items():
-            U, V = bases[name][0][:, :k], bases[name][1][:, :k]
-            out = project_out(d, U, V)
-            outside.append(float(out.norm() / d.norm().clamp_min(1e-30)))
-            baseline.append(random_baseline(*d.shape, k))
-            projected[name] = w0[name] + (d - out)
-        Lk = loss_with(projected)
-        res["sets"][str(k)] = {"outside_mean": sum(outside) / len(outside), "outside_min": min(outside),
-                               "outside_max": max(outside), "random_baseline_mean": sum(baseline) / len(baseline),
-                               "loss_projected": Lk, "recovered_share": (L0 - Lk) / (L0 - Lfull)}
-        print(f"[ceiling] k={k}: outside {res['sets'][str(k)]['outside_mean']:.3f} (random "
-              f"{res['sets'][str(k)]['random_baseline_mean']:.3f}), loss {Lk:.4f}, recovered "
-              f"{res['sets'][str(k)]['recovered_share']:.1%}", flush=True)
+    res: dict = {"env": info, "layers": len(w0), "ks": args.ks, "others": {}}
+    res.update(projected_gains(w0, deltas, bases, args.ks, loss_with, log=True))
     for spec in args.others:
         label, _, d = spec.partition("=")
         other = load_file(os.path.join(d, "linears.safetensors"))
