@@ -108,6 +108,13 @@ def test_trainer_reduces_slice_gradients_once_per_step_before_clipping(tiny_mode
     for n in names:
         torch.testing.assert_close(r0["first_grads"][n][0], r0["slice_grads_reduced"][n][0] * coef)
     check_w_against_fold_formula(r0, r1, steps=3)
+    # What the step logs as communication counts the reduce too: the fold's gather (sends its rank-r delta, receives
+    # the other device's) and the reduce-scatter (sends the other slice's gradients, receives the other device's
+    # contribution to its own), fp32: at K = 2 each moves 2·Σ r·(in + out) values, in two collectives per step.
+    delta_values = sum(r * (r0["A0_all"][n].shape[1] + r0["B0_all"][n].shape[0]) for n in names)
+    logged = [h for h in r0["log_history"] if "loss" in h]
+    assert len(logged) == 3 and all(h["hdpissa/collectives_per_step"] == 2 for h in logged)
+    assert all(h["hdpissa/bytes_communicated"] == 2 * (2 * delta_values * 4) for h in logged)
 
 
 @pytest.mark.slow

@@ -394,6 +394,13 @@ def reduce_slice_gradients(layers: list[HDPiSSALinear], world_size: int, rank: i
     return flat.numel() * flat.element_size()
 
 
+def reduce_traffic(buffer_bytes: int, world_size: int) -> int:
+    """Bytes a device sends plus receives in the reduce-scatter of a ``buffer_bytes`` slice-gradient buffer, counted
+    as the fold counts its gather (what goes to and comes from the other devices, not the ring's hops): it sends the
+    K−1 chunks of the other slices and receives K−1 contributions to its own, each 1/K of the buffer."""
+    return 2 * (world_size - 1) * buffer_bytes // world_size
+
+
 def zero_slice_gradients(pairs) -> None:
     """Empty the ``(dA_all, dB_all)`` buffers for the next step (in place: the layers keep pointing at them)."""
     for gA, gB in pairs:

@@ -34,6 +34,7 @@ from ..engine.distributed import is_distributed
 from ..engine.export import weight_samples
 from ..engine.fold import FoldStats
 from ..engine.inject import inject_hdpissa
+from ..engine.model import reduce_traffic
 from .amp import agree_on_skip
 from .checkpoint import CheckpointMixin, writes_on_each_node
 from .checks import check_optimizer_trains_the_model, model_skeleton, refuse_optimizer_built_before_the_trainer
@@ -149,6 +150,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
     def _hdpissa_setup(self) -> None:
         """Inject the adapters (after the parent loaded and placed the model) and keep the model out of DDP."""
         self._fold_log: list[FoldStats] = []
+        self._reduce_log: list[int] = []  # slice_gradient="global": bytes of each step's slice-gradient buffer
         self._skipped_steps = 0
         if self.method == "peft":
             if self.accelerator.is_main_process:
@@ -252,7 +254,7 @@ class HDPiSSATrainerMixin(CheckpointMixin):
         loss = super().training_step(*args, **kwargs)
         engine = getattr(self, "hdpissa_engine", None)
         if engine is not None and engine.global_slice_gradients and self.accelerator.sync_gradients:
-            engine.reduce_slice_gradients()
+            self._reduce_log.append(engine.reduce_slice_gradients())
         return loss
 
     def hdpissa_after_optimizer_step(self) -> None:
@@ -291,10 +293,14 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                 n, last = len(self._fold_log), self._fold_log[-1]
                 logs["hdpissa/fold_seconds"] = round(sum(s.seconds for s in self._fold_log) / n, 6)
                 logs["hdpissa/gather_seconds"] = round(sum(s.gather_seconds for s in self._fold_log) / n, 6)
-                logs["hdpissa/bytes_communicated"] = last.bytes_sent + last.bytes_received
-                logs["hdpissa/collectives_per_step"] = sum(s.num_collectives for s in self._fold_log) / n
+                sent, collectives = last.bytes_sent + last.bytes_received, sum(s.num_collectives for s in self._fold_log) / n
+                if self._reduce_log:  # the reduce before the optimizer counts as communication of the step too
+                    sent += reduce_traffic(self._reduce_log[-1], self.hdpissa_engine.world_size)
+                    collectives += float(self.hdpissa_engine.world_size > 1)
+                logs["hdpissa/bytes_communicated"] = sent
+                logs["hdpissa/collectives_per_step"] = collectives
                 logs["hdpissa/update_rank"] = last.update_rank_bound
-                self._fold_log = []
+                self._fold_log, self._reduce_log = [], []
             check = self.hdpissa_engine.last_check
             logs["hdpissa/w_check_step"] = check.step if check.step is not None else -1
             logs["hdpissa/w_check_ok"] = 1.0 if check.ok else 0.0
