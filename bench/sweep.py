@@ -129,6 +129,8 @@ STUDIES: dict[str, dict] = {
         grid={"hdpissa": [2e-5, 2e-4], "pissa": [2e-5, 2e-4], "lora": [2e-5, 2e-4], "full": [2e-5, 2e-4]},
         steps=100, eval_every=20, r=2, alpha=2.0, global_batch=8, seeds=[1, 2],
         references=["pissa2"], heldout_limit=100, curve_rows=40, em_limit=100,
+        # summary: a table per shared rate, beside the same seeds at each method's own rate from the tuned study
+        shared_rates=True, tuned_study="smollm2_100",
     ),
 }
 TINY_MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -432,9 +434,11 @@ def _paired_lines(task: str, labels: list[str], at_best: dict, ref: str, metric_
 
 
 def summarize_study(name: str, records: list[dict], references: list[str] = ("pissa2",),
-                    base: dict | None = None) -> tuple[str, dict]:
+                    base: dict | None = None, tuned: list[dict] | None = None) -> tuple[str, dict]:
     """Markdown tables (grid, best per method, paired by seed against each reference, wins) and a JSON summary.
-    ``base``: the untrained model's record (``base.json`` of a smollm2_sim study), shown first."""
+    ``base``: the untrained model's record (``base.json`` of a smollm2_sim study), shown first. A study with
+    ``shared_rates`` (one rate for every method, untuned) gets a table per rate first; ``tuned``: the records of the
+    study whose chosen rates it is compared with."""
     lines, summary = [], {"study": name, "tasks": {}}
     loads = [v for r in records for v in (r.get("load_avg_1min_start"), r.get("load_avg_1min_end")) if v is not None]
     r0 = records[0]
@@ -448,6 +452,11 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
                      f"{h['code_loss']:.4f}, text {h['text_loss']:.4f})"
                      + (f", math exact match of generated answers {h['math_em']:.2f}" if "math_em" in h else "") + ".")
         summary["base"] = h
+    if STUDIES.get(name, {}).get("shared_rates"):
+        for task in sorted({r["task"] for r in records}):
+            lines += _shared_rate_lines(task, [r for r in records if r["task"] == task],
+                                        [r for r in tuned or [] if r["task"] == task],
+                                        STUDIES[name].get("tuned_study"), summary.setdefault("shared_rates", {}))
     best = best_lrs(records)
     pending = sorted({f"{r['label']} (lr {r['lr']:g}, seed {r['seed']})" for r in records
                       if (r["task"], r["label"]) not in best})
@@ -562,6 +571,63 @@ def summarize_study(name: str, records: list[dict], references: list[str] = ("pi
             lines += _clip_lines(task, labels, at_best)
         summary["tasks"][task] = tsum
     return "\n".join(lines), summary
+
+
+def _beats(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> bool:
+    """The study's decision rule: ``a`` is lower than ``b`` on every one of ``seeds`` and on their mean."""
+    return all(a[x] < b[x] for x in seeds) and sum(a[x] for x in seeds) < sum(b[x] for x in seeds)
+
+
+def _shared_rate_lines(task: str, recs: list[dict], tuned_recs: list[dict], tuned_name: str | None,
+                       out: dict) -> list[str]:
+    """One rate for every method (the paper's setting, untuned): each method's held-out loss per seed and mean at each
+    rate, who beats whom at that rate (the decision rule on the seeds every method ran), and the same seeds at each
+    method's own rate chosen by the tuned study, where it has them."""
+    labels = _label_order({r["label"] for r in recs})
+    lrs = sorted({r["lr"] for r in recs})
+    val = {(lab, lr): {r["seed"]: r["heldout"][PRIMARY] for r in recs if r["label"] == lab and r["lr"] == lr}
+           for lab in labels for lr in lrs}
+    tuned_best = best_lrs(tuned_recs) if tuned_recs else {}
+    tuned = {lab: ({r["seed"]: r["heldout"][PRIMARY] for r in tuned_recs
+                    if r["label"] == lab and r["lr"] == tuned_best[(task, lab)]["lr"]}, tuned_best[(task, lab)]["lr"])
+             for lab in labels if (task, lab) in tuned_best}
+
+    def cell(v: dict[int, float]) -> str:
+        if not v:
+            return ""
+        seeds = sorted(v)
+        return " / ".join(f"{v[x]:.4f}" for x in seeds) + (f" (mean {sum(v.values()) / len(v):.4f})" if len(v) > 1
+                                                           else f" (seed {seeds[0]} only)")
+
+    head = ["method", *[f"lr {lr:g}" for lr in lrs]] + ([f"own rate ({tuned_name}, chosen on its seed 0)"]
+                                                        if tuned else [])
+    seeds_all = sorted({r["seed"] for r in recs})
+    lines = ["", f"**{task}: one shared learning rate for every method** (the paper's setting, untuned; held-out "
+                 f"loss on seeds {' / '.join(map(str, seeds_all))}; beside it the same seeds at each method's own "
+                 f"rate)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lab in labels:
+        row = [LABEL_NAMES.get(lab, lab), *[cell(val[(lab, lr)]) for lr in lrs]]
+        if tuned:
+            v, lr = tuned.get(lab, ({}, None))
+            v = {x: y for x, y in v.items() if x in seeds_all}
+            row.append(f"{cell(v)} at {lr:g}" if v else "not run")
+        lines.append("| " + " | ".join(row) + " |")
+    for lr in lrs:
+        ran = [lab for lab in labels if val[(lab, lr)]]
+        seeds = sorted(set.intersection(*[set(val[(lab, lr)]) for lab in ran])) if ran else []
+        if len(ran) < 2 or not seeds:
+            continue
+        order = sorted(ran, key=lambda lab: sum(val[(lab, lr)][x] for x in seeds))
+        wins = {lab: [b for b in ran if b != lab and _beats(val[(lab, lr)], val[(b, lr)], seeds)] for lab in ran}
+        out[f"{lr:g}"] = {"order": order, "beats": wins, "seeds": seeds,
+                          "mean": {lab: sum(val[(lab, lr)][x] for x in seeds) / len(seeds) for lab in ran}}
+        said = "; ".join(f"{LABEL_NAMES.get(lab, lab)} beats {', '.join(LABEL_NAMES.get(b, b) for b in wins[lab])}"
+                         for lab in order if wins[lab])
+        lines.append(f"\nAt lr {lr:g} (seeds {', '.join(map(str, seeds))}), lowest mean first: "
+                     + " < ".join(LABEL_NAMES.get(lab, lab) for lab in order)
+                     + (f". By the decision rule (lower on every seed and on the mean): {said}." if said
+                        else ". No method is lower than another on every seed and on the mean."))
+    return lines
 
 
 def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[int], out: dict,
@@ -726,7 +792,10 @@ def summary_main(args) -> None:
             continue
         base_path = os.path.join(study_dir(name, root), "base.json")
         base = json.load(open(base_path, encoding="utf-8")) if os.path.exists(base_path) else None
-        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("references", ["pissa2"]), base)
+        tuned_name = STUDIES.get(name, {}).get("tuned_study")
+        tuned = load_runs(study_dir(tuned_name, root)) if tuned_name and os.path.isdir(study_dir(tuned_name, root)) \
+            else None
+        md, summary = summarize_study(name, records, STUDIES.get(name, {}).get("references", ["pissa2"]), base, tuned)
         with open(os.path.join(study_dir(name, root), "SUMMARY.md"), "w", encoding="utf-8") as f:
             f.write(md + "\n")
         with open(os.path.join(study_dir(name, root), "summary.json"), "w", encoding="utf-8") as f:

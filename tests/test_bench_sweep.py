@@ -73,6 +73,35 @@ def test_decision_is_marked_provisional_until_every_decision_seed_has_run():
     assert "Not decided yet (a decision seed has not run at their chosen rate): PEFT LoRA (seeds run: 0, 1)." in md
 
 
+def test_shared_rate_table_of_the_papers_setting_beside_the_tuned_rates():
+    """smollm2_paper runs every method at one shared rate on seeds 1 and 2: per rate, who is lower and who beats whom
+    by the decision rule; beside it, the same seeds at each method's rate chosen on smollm2_100's seed 0."""
+    paper = {("pissa2", 2e-5): [0.50, 0.40], ("hdpissa2", 2e-5): [0.45, 0.41], ("lora2", 2e-5): [0.90, 0.80],
+             ("pissa2", 2e-4): [0.21, 0.20], ("hdpissa2", 2e-4): [0.22, 0.19]}
+    recs = [dict(_rec(lab, lr, s, v), study="smollm2_paper") for (lab, lr), vs in paper.items()
+            for s, v in zip((1, 2), vs)]
+    # tuned study: PiSSA's seed 0 prefers 5e-4 (its seed-1/2 runs there count), HD-PiSSA's 1e-3; LoRA never ran
+    tuned = [dict(_rec(lab, lr, s, v), study="smollm2_100") for lab, lr, s, v in [
+        ("pissa2", 5e-4, 0, 0.19), ("pissa2", 1e-3, 0, 0.30), ("pissa2", 5e-4, 1, 0.18), ("pissa2", 5e-4, 2, 0.17),
+        ("pissa2", 1e-3, 1, 0.05), ("hdpissa2", 1e-3, 0, 0.20), ("hdpissa2", 1e-3, 1, 0.16)]]
+    md, summary = sweep.summarize_study("smollm2_paper", recs, references=["pissa2"], tuned=tuned)
+    assert "**t: one shared learning rate for every method**" in md
+    table = md.split("**t: one shared learning rate for every method**")[1].split("\n\n")[1]  # the first table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["PEFT PiSSA"] == ("| PEFT PiSSA | 0.5000 / 0.4000 (mean 0.4500) | 0.2100 / 0.2000 (mean 0.2050) | "
+                                  "0.1800 / 0.1700 (mean 0.1750) at 0.0005 |")
+    assert rows["HD-PiSSA K=2"].endswith("| 0.1600 (seed 1 only) at 0.001 |")
+    assert rows["PEFT LoRA"].endswith("| 0.9000 / 0.8000 (mean 0.8500) |  | not run |")
+    shared = summary["shared_rates"]
+    # at 2e-5 HD-PiSSA has the lowest mean (0.43 vs 0.45) but is higher on seed 2: it beats only LoRA; so does PiSSA
+    assert shared["2e-05"]["order"] == ["hdpissa2", "pissa2", "lora2"]
+    assert shared["2e-05"]["beats"] == {"hdpissa2": ["lora2"], "pissa2": ["lora2"], "lora2": []}
+    assert shared["2e-05"]["mean"]["hdpissa2"] == pytest.approx(0.43)
+    assert shared["0.0002"]["order"] == ["hdpissa2", "pissa2"] and shared["0.0002"]["beats"] == {"hdpissa2": [],
+                                                                                               "pissa2": []}
+    assert "At lr 0.0002 (seeds 1, 2), lowest mean first: HD-PiSSA K=2 < PEFT PiSSA. No method is lower" in md
+
+
 def test_a_label_without_a_rate_choosing_run_is_listed_not_tabled():
     """smollm2_100 chooses rates on seed 0: a label that ran only on seed 1 has no rate yet; the summary names it and
     leaves it out of the tables instead of failing."""
