@@ -95,6 +95,16 @@ STUDIES: dict[str, dict] = {
         steps=300, eval_every=30, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2],
         references=["hdpissa2", "pissa2"], ceiling_ks=[8],
     ),
+    # Issue 23 §3: `rotate` cycles through a pool of the top rotate_pool·K·r = 16 directions (pool 2, K = 2, r = 4), so
+    # "outside the top-8 set" says little about it: the same runs as `ceiling` at each arm's chosen rate there, with
+    # the share outside its whole pool (top-16) measured too.
+    "ceiling_pool": dict(
+        kind="tiny", tasks=["multitask", "teacher_student"],
+        labels=["hdpissa2_rotate", "hdpissa2_refactor", "full2"],
+        grid={"hdpissa": [3e-3], "full": [1e-3]},
+        steps=300, eval_every=30, r=4, alpha=4.0, global_batch=16, seeds=[0, 1, 2],
+        references=["full2"], ceiling_ks=[8, 16],
+    ),
     "smollm2": dict(
         kind="smollm2", tasks=["multitask"], labels=["hdpissa2", "pissa2", "lora2", "full2", "hdpissa4"],
         grid={"hdpissa": [1e-4, 3e-4, 1e-3], "pissa": [1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3],
