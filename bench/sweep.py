@@ -664,8 +664,7 @@ def _decision_lines(task: str, labels: list[str], at_best: dict, select: list[in
     val = {lab: {r["seed"]: r["heldout"][PRIMARY] for r in at_best[lab]} for lab in labels}
 
     def beats(a: str, b: str) -> bool:
-        da = [val[a][s] - val[b][s] for s in seeds]
-        return all(d < 0 for d in da) and sum(da) < 0
+        return _beats(val[a], val[b], seeds)
 
     head = ["method", *[f"held-out loss, seed {s}" for s in seeds], "mean", "beats", "beaten by"]
     missing = sorted(set(planned or []) - set(seeds))
