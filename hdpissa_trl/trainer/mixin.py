@@ -293,11 +293,12 @@ class HDPiSSATrainerMixin(CheckpointMixin):
                 n, last = len(self._fold_log), self._fold_log[-1]
                 logs["hdpissa/fold_seconds"] = round(sum(s.seconds for s in self._fold_log) / n, 6)
                 logs["hdpissa/gather_seconds"] = round(sum(s.gather_seconds for s in self._fold_log) / n, 6)
-                sent, collectives = last.bytes_sent + last.bytes_received, sum(s.num_collectives for s in self._fold_log) / n
+                traffic = last.bytes_sent + last.bytes_received
+                collectives = sum(s.num_collectives for s in self._fold_log) / n
                 if self._reduce_log:  # the reduce before the optimizer counts as communication of the step too
-                    sent += reduce_traffic(self._reduce_log[-1], self.hdpissa_engine.world_size)
+                    traffic += reduce_traffic(self._reduce_log[-1], self.hdpissa_engine.world_size)
                     collectives += float(self.hdpissa_engine.world_size > 1)
-                logs["hdpissa/bytes_communicated"] = sent
+                logs["hdpissa/bytes_communicated"] = traffic
                 logs["hdpissa/collectives_per_step"] = collectives
                 logs["hdpissa/update_rank"] = last.update_rank_bound
                 self._fold_log, self._reduce_log = [], []
