@@ -47,8 +47,11 @@ def random_baseline(m: int, n: int, k: int) -> float:
     return (max(m - k, 0) * max(n - k, 0) / (m * n)) ** 0.5
 
 
-def principal_bases(w0: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every matrix's left and right singular vectors (columns, by decreasing singular value)."""
+def singular_bases(w0: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every matrix's left and right singular vectors (columns, by decreasing singular value), in the weights' dtype.
+
+    One SVD per matrix, sliced to each k by the caller: ``hdpissa_trl.analysis.subspace.principal_bases`` returns one
+    k's fp64 bases per call, which would repeat the factorisation for every k of the study."""
     bases = {}
     for name, w in w0.items():
         U, _, Vh = torch.linalg.svd(w, full_matrices=False)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         return aggregate({t: score_rows(model, tok, e) for t, e in sets.items()})["eval_loss"]
 
     t0 = time.time()
-    bases = principal_bases(w0)
+    bases = singular_bases(w0)
     print(f"[ceiling] SVD of {len(w0)} matrices: {time.time() - t0:.0f}s", flush=True)
     res: dict = {"env": info, "layers": len(w0), "ks": args.ks, "others": {}}
     res.update(projected_gains(w0, deltas, bases, args.ks, loss_with, log=True))

@@ -71,7 +71,7 @@ def test_projected_gains_against_a_quadratic_loss():
     def loss_with(weights):
         return float(sum(((weights[n] - target[n]) ** 2).sum() for n in w0))
 
-    bases = ceiling_real.principal_bases(w0)
+    bases = ceiling_real.singular_bases(w0)
     res = ceiling_real.projected_gains(w0, deltas, bases, [1, 3], loss_with)
     assert res["loss_full"] == pytest.approx(0.0, abs=1e-20)
     assert res["loss_base"] == pytest.approx(float(sum((d ** 2).sum() for d in deltas.values())))
