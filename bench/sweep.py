@@ -738,39 +738,68 @@ def lead_curve(runs: list[dict], ref_runs: list[dict]) -> dict[int, float]:
     return {step: sum(v) / len(v) for step, v in sorted(out.items())}
 
 
-def plot_study(name: str, records: list[dict], figures_dir: str | None = None) -> str | None:
-    """Per task: held-out loss over training at each method's best rate (mean over seeds) and, where recorded, the
-    share of ΔW outside the fixed top-k sets. Returns the PNG's path (None without curves)."""
+def curve_panels(records: list[dict], shared_rates: bool = False) -> dict[tuple, dict[str, tuple]]:
+    """What each panel of a study's figure shows: ``{(task, lr, key): {label: (lr, steps, mean over seeds)}}``.
+
+    By default one panel per task and key (held-out loss, then each recorded ``outside_k*`` share), every label at
+    its own best rate (``lr`` None in the key). A study with one shared rate per table (``shared_rates``) gets one
+    held-out-loss panel per task and rate, every label at that rate: a best-rate figure would hide the comparison
+    such a study is for."""
+    best = best_lrs(records)
+    if shared_rates:
+        columns = [(lr, PRIMARY) for lr in sorted({r["lr"] for r in records if r.get("curve")})]
+    else:
+        records = [r for r in records if (r["task"], r["label"]) in best]
+        ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"]
+                     if k.startswith("outside_k") and not k.endswith("_layers")})
+        columns = [(None, PRIMARY)] + [(None, f"outside_k{k}") for k in ks]
+    panels: dict[tuple, dict[str, tuple]] = {}
+    for task in sorted({r["task"] for r in records if r.get("curve")}):
+        for lr, key in columns:
+            for lab in _label_order({r["label"] for r in records if r["task"] == task}):
+                use = lr if lr is not None else best[(task, lab)]["lr"]
+                rs = [r for r in records if r["task"] == task and r["label"] == lab and r["lr"] == use
+                      and r.get("curve")]
+                if not rs:
+                    continue
+                pts = [t for t, c in enumerate(rs[0]["curve"]) if key in c[1] and (key == PRIMARY or c[0] > 0)]
+                panels.setdefault((task, lr, key), {})[lab] = (
+                    use, [rs[0]["curve"][t][0] for t in pts],
+                    [sum(r["curve"][t][1][key] for r in rs) / len(rs) for t in pts])
+    return panels
+
+
+def plot_study(name: str, records: list[dict], figures_dir: str | None = None, shared_rates: bool = False
+               ) -> str | None:
+    """Per task: held-out loss over training (mean over seeds) and, where recorded, the share of ΔW outside the fixed
+    top-k sets; panels as ``curve_panels`` lays them out. Returns the PNG's path (None without curves)."""
     from bench._common import FIGURES_DIR, env_line, new_figure
 
-    tasks = sorted({r["task"] for r in records if r.get("curve")})
-    if not tasks:
+    panels = curve_panels(records, shared_rates)
+    if not panels:
         return None
-    best = best_lrs(records)
-    records = [r for r in records if (r["task"], r["label"]) in best]
-    ks = sorted({int(k[len("outside_k"):]) for r in records for k in r["heldout"]
-                 if k.startswith("outside_k") and not k.endswith("_layers")})
-    fig = new_figure(figsize=(5.2 * (1 + len(ks)), 3.6 * len(tasks)), layout="constrained")
-    axes = fig.subplots(len(tasks), 1 + len(ks), squeeze=False)
+    tasks = sorted({task for task, _, _ in panels})
+    columns = list(dict.fromkeys((lr, key) for _, lr, key in panels))
+    fig = new_figure(figsize=(5.2 * len(columns), 3.6 * len(tasks)), layout="constrained")
+    axes = fig.subplots(len(tasks), len(columns), squeeze=False)
     for i, task in enumerate(tasks):
-        for lab in _label_order({r["label"] for r in records if r["task"] == task}):
-            rs = [r for r in records if r["task"] == task and r["label"] == lab and r["lr"] == best[(task, lab)]["lr"]]
-            for j, key in enumerate([PRIMARY] + [f"outside_k{k}" for k in ks]):
-                pts = [t for t, c in enumerate(rs[0]["curve"]) if key in c[1] and (key == PRIMARY or c[0] > 0)]
-                vals = [sum(r["curve"][t][1][key] for r in rs) / len(rs) for t in pts]
-                axes[i][j].plot([rs[0]["curve"][t][0] for t in pts], vals,
-                                label=f"{LABEL_NAMES.get(lab, lab)} @ {best[(task, lab)]['lr']:g}")
-        axes[i][0].set_yscale("log")
-        axes[i][0].set_ylabel(f"{task}: held-out loss")
-        for j, k in enumerate(ks, start=1):
-            axes[i][j].set_ylabel(f"share of ΔW outside top-{k} set")
-            axes[i][j].set_ylim(0, 1)
-        for ax in axes[i]:
+        for j, (lr, key) in enumerate(columns):
+            ax = axes[i][j]
+            for lab, (use, steps, vals) in panels.get((task, lr, key), {}).items():
+                ax.plot(steps, vals, label=f"{LABEL_NAMES.get(lab, lab)} @ {use:g}")
+            if key == PRIMARY:
+                ax.set_yscale("log")
+                ax.set_ylabel(f"{task}: held-out loss" + (f" at lr {lr:g}" if lr is not None else ""))
+                ax.legend(fontsize=7)
+            else:
+                ax.set_ylabel(f"share of ΔW outside top-{key[len('outside_k'):]} set")
+                ax.set_ylim(0, 1)
             ax.set_xlabel("optimizer step")
             ax.grid(True, alpha=0.3)
-        axes[i][0].legend(fontsize=7)
     r0 = records[0]
-    fig.suptitle(f"Study {name}: each method at its best learning rate, mean over seeds (r = {r0['r']}/device)")
+    what = "every method at one shared learning rate per panel" if shared_rates else \
+        "each method at its best learning rate"
+    fig.suptitle(f"Study {name}: {what}, mean over seeds (r = {r0['r']}/device)")
     fig.text(0.005, -0.005, "measured on: " + env_line(r0["env"]), fontsize=7.5, color="0.3", ha="left", va="top")
     os.makedirs(figures_dir or FIGURES_DIR, exist_ok=True)
     path = os.path.join(figures_dir or FIGURES_DIR, f"sweep_{name}.png")
@@ -809,7 +838,8 @@ def summary_main(args) -> None:
             f.write(md + "\n")
         with open(os.path.join(study_dir(name, root), "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
-        if not args.no_figure and plot_study(name, records, args.figures_dir):
+        if not args.no_figure and plot_study(name, records, args.figures_dir,
+                                                 STUDIES.get(name, {}).get("shared_rates", False)):
             md += f"\n\n![study {name}](bench/figures/sweep_{name}.png)"
         print(md, "\n")
         if text is not None and BEGIN.format(name) in text:

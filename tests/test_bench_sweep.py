@@ -198,3 +198,26 @@ def test_heldout_accuracy_against_slow_reference(tmp_path):
     assert got["token_acc"] == pytest.approx(correct / count)
     assert got["exact"] == exact / len(rows)
     assert got["choice_acc"] == sum(picks) / len(picks)
+
+
+def test_figure_panels_each_best_rate_or_one_shared_rate_per_panel():
+    """A tuned study's figure shows each method at its own best rate; a shared-rate study's (smollm2_paper) one
+    panel per rate with every method at it: the mean over seeds at each evaluation step, checked by hand."""
+    def run(label, lr, seed, final, mid):
+        return dict(_rec(label, lr, seed, final), curve=[[0, {"eval_loss": 1.0}], [20, {"eval_loss": mid}],
+                                                         [40, {"eval_loss": final}]])
+    recs = [run("pissa2", 2e-5, 1, 0.50, 0.70), run("pissa2", 2e-5, 2, 0.40, 0.60),
+            run("pissa2", 2e-4, 1, 0.20, 0.30), run("pissa2", 2e-4, 2, 0.22, 0.34),
+            run("hdpissa2", 2e-5, 1, 0.45, 0.55), run("hdpissa2", 2e-5, 2, 0.41, 0.57),
+            run("hdpissa2", 2e-4, 1, 0.30, 0.40)]
+    shared = sweep.curve_panels(recs, shared_rates=True)
+    assert set(shared) == {("t", 2e-5, "eval_loss"), ("t", 2e-4, "eval_loss")}
+    lr, steps, vals = shared[("t", 2e-5, "eval_loss")]["pissa2"]
+    assert lr == 2e-5 and steps == [0, 20, 40] and vals == pytest.approx([1.0, 0.65, 0.45])
+    assert shared[("t", 2e-4, "eval_loss")]["hdpissa2"][2] == pytest.approx([1.0, 0.40, 0.30])
+    best = sweep.curve_panels(recs)
+    assert set(best) == {("t", None, "eval_loss")}
+    # PiSSA's best rate is 2e-4 (mean 0.21), HD-PiSSA's is 2e-4 too (0.30 < 0.43)
+    assert best[("t", None, "eval_loss")]["pissa2"][0] == 2e-4
+    assert best[("t", None, "eval_loss")]["pissa2"][2] == pytest.approx([1.0, 0.32, 0.21])
+    assert best[("t", None, "eval_loss")]["hdpissa2"][0] == 2e-4
