@@ -745,7 +745,7 @@ def curve_panels(records: list[dict], shared_rates: bool = False) -> dict[tuple,
     its own best rate (``lr`` None in the key). A study with one shared rate per table (``shared_rates``) gets one
     held-out-loss panel per task and rate, every label at that rate: a best-rate figure would hide the comparison
     such a study is for."""
-    best = best_lrs(records)
+    best = {} if shared_rates else best_lrs(records)
     if shared_rates:
         columns = [(lr, PRIMARY) for lr in sorted({r["lr"] for r in records if r.get("curve")})]
     else:
